@@ -1,0 +1,191 @@
+"""The agent's TOML configuration (PROTOCOL.md §6), checked strictly.
+
+An unknown key, a missing required key or a value of the wrong type stops the
+start with a ConfigError naming the key and the file: a typo must never be
+silently ignored on a machine nobody watches.
+
+Extensions to §6 (documented in docs/config.md):
+- ``[agent] enrollment_key``: needed to register when there is no token yet.
+- ``[handlers] run_script``: §4 names it (false disables RunScript).
+Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
+(mode 0600) and used when the config itself has no token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+REQUIRED = object()
+
+# section -> key -> (type, default or REQUIRED)
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "agent": {
+        "server_url": (str, REQUIRED),
+        "state_dir": (str, REQUIRED),
+        "client_id": (str, None),
+        "token": (str, None),
+        "tickle_key": (str, None),
+        "enrollment_key": (str, None),
+    },
+    "objecthost": {
+        "listen": (str, "0.0.0.0:50122"),
+    },
+    "cta": {
+        "listen": (str, "127.0.0.1:50124"),
+        "poll_interval_s": (int, 300),
+        "max_concurrent_tasks": (int, 2),
+    },
+    "handlers": {
+        "sbs_dir": (str, None),
+        "image_store": (str, None),
+        "package_store": (str, None),
+        "preboot_store": (str, None),
+        "run_script": (bool, True),
+    },
+}
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 as ``[::1]:port``); raise ConfigError if bad."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@dataclass
+class Credentials:
+    client_id: str
+    token: str
+    tickle_key: bytes
+
+
+@dataclass
+class Config:
+    path: str
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def get(self, section: str, key: str) -> Any:
+        """The value of ``[section] key`` or its schema default."""
+        values = self.sections.get(section, {})
+        if key in values:
+            return values[key]
+        default = SCHEMA[section][key][1]
+        return None if default is REQUIRED else default
+
+    def has_section(self, section: str) -> bool:
+        return section in self.sections
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.get("agent", "state_dir"))
+
+    @property
+    def handlers(self) -> dict[str, Any]:
+        """The [handlers] section with defaults filled in (what handlers see)."""
+        return {key: self.get("handlers", key) for key in SCHEMA["handlers"]}
+
+    def credentials(self) -> Credentials | None:
+        """Credentials from the config, else from registration; None if neither."""
+        cid, token, key = (self.get("agent", k) for k in ("client_id", "token", "tickle_key"))
+        if not (cid and token and key):
+            stored = self.state_dir / "credentials.json"
+            try:
+                data = json.loads(stored.read_text())
+                cid, token, key = data["client_id"], data["token"], data["tickle_key"]
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{stored}: unreadable credentials ({exc})") from exc
+        try:
+            key_bytes = bytes.fromhex(key)
+        except ValueError as exc:
+            raise ConfigError(f"{self.path}: [agent] tickle_key is not hex") from exc
+        return Credentials(cid, token, key_bytes)
+
+    def save_credentials(self, client_id: str, token: str, tickle_key: str) -> Path:
+        """Persist registration results atomically with mode 0600."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.state_dir / "credentials.json"
+        tmp = target.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"client_id": client_id, "token": token, "tickle_key": tickle_key}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        return target
+
+
+def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",)) -> Config:
+    """Read and check a config file; ``require`` lists sections that must exist."""
+    path = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return check_config(raw, path, require)
+
+
+def check_config(raw: dict, path: str, require: tuple[str, ...] = ("agent",)) -> Config:
+    """Validate a parsed TOML table against SCHEMA (see module docstring)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, table in raw.items():
+        if name not in SCHEMA:
+            raise ConfigError(f"{path}: unknown section [{name}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        checked = {}
+        for key, value in table.items():
+            if key not in SCHEMA[name]:
+                raise ConfigError(f"{path}: unknown key '{key}' in [{name}]")
+            kind = SCHEMA[name][key][0]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{path}: [{name}] {key} must be an integer")
+            if not isinstance(value, kind):
+                raise ConfigError(f"{path}: [{name}] {key} must be a {kind.__name__}")
+            checked[key] = value
+        sections[name] = checked
+    for name in require:
+        if name not in sections:
+            raise ConfigError(f"{path}: missing section [{name}]")
+    for name, table in sections.items():
+        for key, (_, default) in SCHEMA[name].items():
+            if default is REQUIRED and key not in table:
+                raise ConfigError(f"{path}: missing required key '{key}' in [{name}]")
+    config = Config(path=path, sections=sections)
+    _check_values(config)
+    return config
+
+
+def _check_values(config: Config) -> None:
+    where = config.path
+    for section in ("objecthost", "cta"):
+        parse_hostport(config.get(section, "listen"), f"{where}: [{section}] listen")
+    if config.get("cta", "poll_interval_s") < 1:
+        raise ConfigError(f"{where}: [cta] poll_interval_s must be >= 1")
+    if not 1 <= config.get("cta", "max_concurrent_tasks") <= 256:
+        raise ConfigError(f"{where}: [cta] max_concurrent_tasks must be 1..256")
+    key = config.get("agent", "tickle_key")
+    if key is not None:
+        try:
+            bytes.fromhex(key)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: [agent] tickle_key must be hex") from exc
+    url = config.get("agent", "server_url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the system tools that tests and benches use, when missing.
+# Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
+# (the tests that need a tool skip with its name).
+set -u
+declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone)
+missing=()
+for tool in "${!pkg[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || missing+=("${pkg[$tool]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing system tools: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) \
+    || echo "warning: could not install ${missing[*]}; tests needing them will skip" >&2
+else
+  echo "warning: missing system tools (${missing[*]}); install them as root" >&2
+fi
+exit 0
