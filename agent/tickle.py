@@ -157,12 +157,24 @@ def load_hop_key(state_dir: str | os.PathLike, create: bool = False) -> bytes:
     """The per-agent key of the objecthost -> CTA hop (created 0600 if asked)."""
     path = Path(state_dir) / "hop.key"
     if create and not path.exists():
+        # The objecthost and the CTA may both get here at once: each writes its
+        # own temp file and hard-links it into place, which fails if the other
+        # won, so both end up reading the one key (os.replace would let the
+        # second overwrite the key the first already loaded).
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f"hop.key.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return bytes.fromhex(path.read_text().strip())

@@ -1,0 +1,100 @@
+"""The ``dsagent`` command line (PROTOCOL.md §5)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import parse_hostport
+from .errors import ConfigError
+
+
+def _cmd_run(args) -> int:
+    from .logsetup import setup_logging
+    from .supervisor import run
+
+    setup_logging("dsagent")
+    return run(args.config)
+
+
+def _cmd_run_task(args) -> int:
+    from .localrun import run_tasks
+    from .logsetup import setup_logging
+
+    import os
+
+    os.environ["DSAGENT_LOG_LEVEL"] = "INFO" if args.verbose else "WARNING"  # workers too
+    setup_logging("run-task")
+    return run_tasks(args.file, args.config, args.json)
+
+
+def _cmd_handlers(args) -> int:
+    from .logsetup import setup_logging
+    from .plugins import load_handlers
+
+    setup_logging("dsagent", level="WARNING")
+    registry = load_handlers()
+    rows = [(name, reg.plugin, reg.version, reg.task_type.default_timeout,
+             reg.task_type.description) for name, reg in sorted(registry.types.items())]
+    header = ("TASK TYPE", "PLUGIN", "VERSION", "TIMEOUT", "DESCRIPTION")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[4]))
+    for plugin, error in sorted(registry.broken.items()):
+        print(f"BROKEN plugin {plugin}: {error}")
+    for name, plugins in sorted(registry.conflicts.items()):
+        print(f"REFUSED task type {name}: registered by both {' and '.join(plugins)}")
+    return 1 if registry.broken or registry.conflicts else 0
+
+
+def _cmd_tickle(args) -> int:
+    from .tickle import send_tickle
+
+    try:
+        host, port = parse_hostport(args.address, "address")
+        key = bytes.fromhex(args.key)
+    except (ConfigError, ValueError) as exc:
+        print(f"dsagent tickle: {exc}", file=sys.stderr)
+        return 2
+    try:
+        answer = send_tickle(host, port, args.client_id, key, timeout=args.timeout)
+    except OSError as exc:
+        print(f"dsagent tickle: cannot reach {args.address}: {exc}", file=sys.stderr)
+        return 1
+    print(answer)
+    return 0 if answer == "OK" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsagent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run objecthost, CTA and ctdataloader, supervised")
+    run.add_argument("--config", required=True)
+    run.set_defaults(func=_cmd_run)
+
+    run_task = sub.add_parser("run-task", help="run tasks from an XML file locally")
+    run_task.add_argument("file")
+    run_task.add_argument("--config")
+    run_task.add_argument("--json", action="store_true", help="one §3 event object per line")
+    run_task.add_argument("-v", "--verbose", action="store_true", help="show handler logs")
+    run_task.set_defaults(func=_cmd_run_task)
+
+    handlers = sub.add_parser("handlers", help="installed task types, plugin and version")
+    handlers.set_defaults(func=_cmd_handlers)
+
+    tickle = sub.add_parser("tickle", help="send a signed tickle")
+    tickle.add_argument("address", metavar="HOST:PORT")
+    tickle.add_argument("--client-id", required=True)
+    tickle.add_argument("--key", required=True, help="tickle key, hex")
+    tickle.add_argument("--timeout", type=float, default=5.0)
+    tickle.set_defaults(func=_cmd_tickle)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130

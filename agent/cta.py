@@ -1,0 +1,280 @@
+"""The Client Task Agent (``python -m agent.cta --config FILE``).
+
+Wakes on a signed wake-up from the objecthost (127.0.0.1 only) or on its
+poll timer, pulls the pending tasks, records each new one durably as
+``received`` and runs it in a worker, ``max_concurrent_tasks`` at a time.
+
+- Wake-ups that arrive during a pull fold into one more pull.
+- A task id already known is never run again: a running one is skipped, a
+  finished one has its terminal event re-sent with its original event_id.
+- On start, tasks a previous CTA received but never started are run; tasks it
+  had started are reported ``failed`` (interrupted), never run twice.
+- serve() = startup -> main loop -> shutdown (signals in the main thread);
+  shutdown stops pulling and drains running tasks, cancelling what is left
+  after the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .config import Config, load_config, parse_hostport
+from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
+from .events import TERMINAL
+from .logsetup import setup_logging, task_context
+from .notify import Notifier
+from .runner import execute
+from .serverapi import ServerAPI, is_loopback_host
+from .statedb import AgentDB, db_path
+from .taskxml import parse_client_tasks
+from .tasks import Task
+from .tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
+from .workerpool import WorkerPool
+
+log = logging.getLogger("dsagent.cta")
+
+SHUTDOWN_GRACE_S = 10.0
+PRUNE_AFTER_S = 7 * 24 * 3600
+
+
+class OutboxRecorder:
+    """Records events in the durable outbox, then wakes the uploader."""
+
+    def __init__(self, db: AgentDB, notifier: Notifier):
+        self.db = db
+        self.notifier = notifier
+
+    def record(self, task: Task, state: str, *, progress=None, message="", details=None) -> None:
+        self.db.record(task.id, state, task=task if state == "received" else None,
+                       type_name=task.type, progress=progress, message=message, details=details)
+        self.notifier.notify()
+
+
+class CTA:
+    def __init__(self, config: Config):
+        self.config = config
+        creds = config.credentials()
+        if creds is None:
+            raise ConfigError(f"{config.path}: no client_id/token/tickle_key and no "
+                              f"registration in {config.state_dir}; run `dsagent run` to register")
+        self.client_id = creds.client_id
+        self.listen = parse_hostport(config.get("cta", "listen"), "[cta] listen")
+        if not is_loopback_host(self.listen[0]):
+            raise ConfigError(f"{config.path}: [cta] listen must be a loopback address, "
+                              f"got {self.listen[0]}")
+        self.poll_interval = config.get("cta", "poll_interval_s")
+        self.max_tasks = config.get("cta", "max_concurrent_tasks")
+        self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
+        self.db = AgentDB(db_path(config.state_dir))
+        self.notifier = Notifier(config.state_dir)
+        self.recorder = OutboxRecorder(self.db, self.notifier)
+        self.pool = WorkerPool(self.max_tasks)
+        self.executor = ThreadPoolExecutor(self.max_tasks, thread_name_prefix="task")
+        self.hop_key = load_hop_key(config.state_dir, create=True)
+        self.stopping = threading.Event()
+        self.wake_event = threading.Event()
+        self.running: dict[str, Any] = {}
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+        self.scheduler = None
+        self.listener: socket.socket | None = None
+        self.port = self.listen[1]
+
+    # ---- startup ---------------------------------------------------------
+    def startup(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.listener = socket.create_server(self.listen, backlog=64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept_wakeups, name="wake-listener", daemon=True).start()
+        threading.Thread(target=self.pool.prestart, name="prestart", daemon=True).start()
+        self._recover()
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scheduler.add_job(self.wake, "interval", seconds=self.poll_interval,
+                               args=("poll timer",), id="poll")
+        self.scheduler.add_job(self._prune, "interval", hours=6, id="prune")
+        self.scheduler.start()
+        threading.Thread(target=self._pull_loop, name="puller", daemon=True).start()
+        self.wake("startup")
+        log.info("CTA listening on %s:%d, polling every %d s, %d task(s) at a time",
+                 self.listen[0], self.port, self.poll_interval, self.max_tasks)
+
+    def _recover(self) -> None:
+        for task_id, state, task in self.db.unfinished():
+            if state == "received" and task is not None:
+                log.info("task %s was received before a restart and never started; running it",
+                         task_id)
+                self._submit(task)
+            else:
+                with task_context(task_id):
+                    log.warning("task %s was %s when the agent stopped; reporting it failed",
+                                task_id, state)
+                    self.db.record(task_id, "failed", message="interrupted: the agent stopped "
+                                   f"while the task was {state}; it was not restarted")
+        self.notifier.notify()
+
+    def _prune(self) -> None:
+        removed = self.db.prune(PRUNE_AFTER_S)
+        if removed:
+            log.info("forgot %d finished task(s) older than %d days", removed, PRUNE_AFTER_S // 86400)
+
+    # ---- wake-ups --------------------------------------------------------
+    def wake(self, why: str = "") -> None:
+        if why and why != "poll timer":
+            log.debug("wake-up: %s", why)
+        self.wake_event.set()
+
+    def _accept_wakeups(self) -> None:
+        cache = ReplayCache()
+        slots = threading.BoundedSemaphore(16)
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            if not is_loopback_host(peer[0]) or not slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_wakeup, args=(conn, cache, slots),
+                             daemon=True).start()
+
+    def _serve_wakeup(self, conn: socket.socket, cache: ReplayCache,
+                      slots: threading.BoundedSemaphore) -> None:
+        try:
+            conn.settimeout(2.0)
+            data = b""
+            while not data.endswith(b"\n") and len(data) <= MAX_LINE:
+                chunk = conn.recv(MAX_LINE + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                check_wake(data, self.hop_key, cache)
+            except TickleRefused as exc:
+                log.warning("refused a wake-up on the CTA port: %s", exc)
+                conn.sendall(f"ERR {exc.code}\n".encode())
+                return
+            self.wake("wake-up from objecthost")
+            conn.sendall(b"OK\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            slots.release()
+
+    # ---- pulling ---------------------------------------------------------
+    def _pull_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake_event.wait()
+            if self.stopping.is_set():
+                return
+            self.wake_event.clear()
+            try:
+                self.pull_once()
+                self._retry_delay = 0.0
+            except (ServerError, TaskDocumentError) as exc:
+                self._retry_delay = min(max(2 * self._retry_delay, 2.0), self.poll_interval)
+                delay = self._retry_delay * random.uniform(0.8, 1.2)
+                log.error("pull failed: %s; retrying in %.0f s", exc, delay)
+                self._schedule_retry(delay)
+            except Exception:
+                log.exception("unexpected error while pulling tasks")
+                self._schedule_retry(self.poll_interval)
+
+    def _schedule_retry(self, delay: float) -> None:
+        timer = threading.Timer(delay, self.wake, args=("retry",))
+        timer.daemon = True
+        timer.start()
+
+    def pull_once(self) -> None:
+        document = parse_client_tasks(self.api.get_tasks(), self.client_id)
+        for message in document.skipped:
+            log.warning("task document: %s", message)
+        for bad in document.rejected:
+            if self._known(bad.task_id):
+                continue
+            task = Task(bad.task_id, bad.type or "?", {})
+            with task_context(task.id):
+                log.error("task %s refused: %s", task.id, bad.message)
+                self.recorder.record(task, "received")
+                self.recorder.record(task, "failed", message=bad.message)
+        for task in document.tasks:
+            if self._known(task.id):
+                continue
+            with task_context(task.id):
+                log.info("task %s (%s) received", task.id, task.type)
+                self.recorder.record(task, "received")
+            self._submit(task)
+
+    def _known(self, task_id: str) -> bool:
+        """True if this task id was seen before (and re-send its end if it ended)."""
+        state = self.db.state_of(task_id)
+        if state is None:
+            return False
+        if state in TERMINAL and self.db.resend_terminal(task_id):
+            log.info("task %s listed again; re-sending its %s status", task_id, state)
+            self.notifier.notify()
+        return True
+
+    def _submit(self, task: Task) -> None:
+        future = self.executor.submit(execute, task, self.pool, self.recorder,
+                                      self.config.handlers, self.stopping)
+        self.running[task.id] = future
+        future.add_done_callback(lambda _f, tid=task.id: self.running.pop(tid, None))
+
+    # ---- shutdown --------------------------------------------------------
+    def shutdown(self) -> None:
+        log.info("CTA shutting down; %d task(s) in flight", len(self.running))
+        if self.scheduler:
+            self.scheduler.shutdown(wait=False)
+        if self.listener:
+            self.listener.close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stopping.set()
+        self.wake_event.set()
+        self.executor.shutdown(wait=True, cancel_futures=False)
+        self.pool.close()
+        self.api.close()
+        self.db.close()
+        log.info("CTA stopped")
+
+    def serve(self) -> None:
+        """startup -> main loop (until SIGTERM/SIGINT) -> shutdown."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.startup()
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsagent-cta")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    setup_logging("cta")
+    try:
+        cta = CTA(load_config(args.config))
+    except DsagentError as exc:
+        log.error("%s", exc)
+        return 2
+    cta.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

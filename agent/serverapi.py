@@ -1,0 +1,139 @@
+"""The agent's side of the HTTP API (PROTOCOL.md §3), over httpx.
+
+This is the one boundary where httpx errors become ServerError/AuthError.
+Keep-alive (one Client per process), TLS verified by default, redirects never
+followed (a task server that redirects elsewhere is not trusted), response
+bodies capped before they are read into memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import platform
+import socket
+import uuid
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from . import __version__
+from .errors import AuthError, ServerError
+from .taskxml import MAX_DOCUMENT_BYTES
+
+log = logging.getLogger("dsagent.server")
+
+MAX_JSON_BYTES = 1024 * 1024
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ServerAPI:
+    """Calls to one task server; ``client_id``/``token`` may be set after register()."""
+
+    def __init__(self, server_url: str, client_id: str | None = None,
+                 token: str | None = None, timeout: float = 30.0, verify: bool | str = True):
+        self.server_url = server_url.rstrip("/")
+        self.client_id = client_id
+        self.token = token
+        parts = urlsplit(self.server_url)
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+            log.warning("server_url %s is plain http: status and tasks travel unencrypted",
+                        self.server_url)
+        self._http = httpx.Client(base_url=self.server_url, timeout=timeout, verify=verify,
+                                  follow_redirects=False,
+                                  headers={"User-Agent": f"dsagent/{__version__}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def _path(self, tail: str) -> str:
+        return f"/api/v1/clients/{quote(self.client_id or '', safe='')}/{tail}"
+
+    def _request(self, method: str, path: str, limit: int, **kwargs) -> tuple[httpx.Response, bytes]:
+        where = f"{method} {self.server_url}{path}"
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ServerError(f"{where}: response larger than {limit} bytes; refused")
+        except httpx.TimeoutException as exc:
+            raise ServerError(f"{where}: timed out ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{where}: {type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise AuthError(f"{where}: server refused our credentials (HTTP {status})")
+        if 300 <= status < 400:
+            raise ServerError(f"{where}: redirected to {response.headers.get('location')!r}; "
+                              "not followed")
+        if status >= 400:
+            raise ServerError(f"{where}: HTTP {status}: {bytes(body[:200])!r}")
+        return response, bytes(body)
+
+    def get_tasks(self) -> bytes:
+        """The pending-tasks document (raw bytes; parsing is taskxml's job)."""
+        response, body = self._request("GET", self._path("tasks"), MAX_DOCUMENT_BYTES,
+                                       headers=self._auth())
+        ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("application/xml", "text/xml"):
+            raise ServerError(f"GET tasks: content type {ctype or 'none'!r}, expected application/xml")
+        return body
+
+    def post_status(self, events: list[dict[str, Any]]) -> list[str]:
+        """Upload events; return the event ids the server accepted."""
+        response, body = self._request("POST", self._path("status"), MAX_JSON_BYTES,
+                                       headers=self._auth(), json={"events": events})
+        try:
+            accepted = json.loads(body)["accepted"]
+            if not isinstance(accepted, list):
+                raise TypeError("accepted is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ServerError(f"POST status: unusable answer ({exc}): {body[:200]!r}") from None
+        return [str(a) for a in accepted]
+
+    def register(self, enrollment_key: str | None, name: str | None = None) -> dict[str, Any]:
+        """POST /api/v1/register; return client_id, token, tickle_key, poll_interval_s."""
+        request = {
+            "name": name or socket.gethostname(),
+            "uuid": str(uuid.UUID(int=uuid.getnode())),
+            "macs": [":".join(f"{(uuid.getnode() >> s) & 0xff:02x}" for s in range(40, -1, -8))],
+            "ips": _local_ips(),
+            "os": f"{platform.system()} {platform.release()}",
+            "agent_version": __version__,
+            "enrollment_key": enrollment_key or "",
+        }
+        _, body = self._request("POST", "/api/v1/register", MAX_JSON_BYTES, json=request)
+        try:
+            answer = json.loads(body)
+            for key in ("client_id", "token", "tickle_key"):
+                if not isinstance(answer[key], str) or not answer[key]:
+                    raise TypeError(f"{key} missing")
+            bytes.fromhex(answer["tickle_key"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ServerError(f"register: unusable answer ({exc})") from None
+        return answer
+
+
+def _local_ips() -> list[str]:
+    try:
+        import psutil
+
+        return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                       if a.family in (socket.AF_INET, socket.AF_INET6)})
+    except Exception:  # an inventory nicety, never a reason to fail registration
+        return []

@@ -1,0 +1,152 @@
+"""The agent's durable state: task ids seen, and the status outbox.
+
+One SQLite file, ``<state_dir>/dsagent.db``, in WAL mode with
+``synchronous=FULL``: a commit is on disk (fsync'd) before the CTA acts on
+the event it recorded. Task state and outbox share the file so that recording
+an event is a single transaction: the task's state and the event to upload can
+never disagree after a crash.
+
+- ``tasks``: one row per task id ever received (so a re-delivered task is never
+  run twice), its last state, next seq and, once finished, its terminal event
+  (re-sent with the same event_id if the server lists the task again).
+- ``outbox``: events not yet accepted by the server, in the order they
+  happened. The CTA appends; the ctdataloader uploads and deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .events import TERMINAL, check_transition, make_event
+from .tasks import Task
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id        TEXT PRIMARY KEY,
+    type           TEXT NOT NULL,
+    task_json      TEXT,
+    state          TEXT NOT NULL,
+    next_seq       INTEGER NOT NULL,
+    terminal_event TEXT,
+    updated_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL UNIQUE,
+    task_id    TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open the state DB with the durability settings every process must share."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def db_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / "dsagent.db"
+
+
+class AgentDB:
+    """The CTA's side of the state DB (thread-safe: one connection, one lock)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def record(self, task_id: str, state: str, *, type_name: str = "",
+               task: Task | None = None, progress: float | None = None,
+               message: str = "", details: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append one status event for a task, durably; return the event.
+
+        ``received`` creates the task's row (``task`` is kept so a task that
+        was queued but never started can be resumed after a restart).
+        """
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT state, next_seq FROM tasks WHERE task_id=?",
+                                   (task_id,)).fetchone()
+                previous, seq = (row[0], row[1]) if row else (None, 1)
+                check_transition(previous, state)
+                event = make_event(task_id, seq, state, progress, message, details)
+                body = json.dumps(event, separators=(",", ":"))
+                now = time.time()
+                conn.execute("INSERT INTO outbox(event_id, task_id, body, created_at) "
+                             "VALUES (?,?,?,?)", (event["event_id"], task_id, body, now))
+                terminal = body if state in TERMINAL else None
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO tasks(task_id, type, task_json, state, next_seq, "
+                        "terminal_event, updated_at) VALUES (?,?,?,?,?,?,?)",
+                        (task_id, type_name or (task.type if task else ""),
+                         json.dumps(task.to_json()) if task else None, state, seq + 1,
+                         terminal, now))
+                else:
+                    conn.execute("UPDATE tasks SET state=?, next_seq=?, updated_at=?, "
+                                 "terminal_event=COALESCE(?, terminal_event) WHERE task_id=?",
+                                 (state, seq + 1, now, terminal, task_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return event
+
+    def state_of(self, task_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute("SELECT state FROM tasks WHERE task_id=?",
+                                     (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def resend_terminal(self, task_id: str) -> bool:
+        """Queue a finished task's terminal event again (same event_id).
+
+        Returns True if it was not already waiting in the outbox.
+        """
+        with self._lock:
+            row = self._conn.execute("SELECT terminal_event FROM tasks WHERE task_id=?",
+                                     (task_id,)).fetchone()
+            if not row or not row[0]:
+                return False
+            event = json.loads(row[0])
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO outbox(event_id, task_id, body, created_at) "
+                "VALUES (?,?,?,?)", (event["event_id"], task_id, row[0], time.time()))
+            return cur.rowcount == 1
+
+    def unfinished(self) -> list[tuple[str, str, Task | None]]:
+        """Tasks not in a terminal state: (task_id, state, task) in arrival order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT task_id, state, task_json FROM tasks WHERE terminal_event IS NULL "
+                "ORDER BY rowid").fetchall()
+        return [(tid, state, Task.from_json(json.loads(tj)) if tj else None)
+                for tid, state, tj in rows]
+
+    def prune(self, older_than_s: float) -> int:
+        """Forget finished tasks whose terminal event left the outbox long ago."""
+        with self._lock:
+            cur = self._conn.execute(
+                "DELETE FROM tasks WHERE terminal_event IS NOT NULL AND updated_at < ? "
+                "AND task_id NOT IN (SELECT task_id FROM outbox)",
+                (time.time() - older_than_s,))
+            return cur.rowcount

@@ -1,0 +1,141 @@
+"""``dsagent run``: register if needed, then supervise the three processes.
+
+objecthost, CTA and ctdataloader run as child processes; one that dies is
+logged with its exit status and restarted with backoff (1 s doubling to 30 s,
+reset after a minute of good health). SIGTERM/SIGINT stop the children
+gracefully (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from .config import Config, load_config
+from .errors import AuthError, DsagentError, ServerError
+from .serverapi import ServerAPI
+from .tickle import load_hop_key
+
+log = logging.getLogger("dsagent.supervisor")
+
+CHILDREN = (("objecthost", "objecthost"), ("cta", "agent.cta"), ("ctdataloader", "ctdataloader"))
+BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class Child:
+    name: str
+    module: str
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff: float = 0.0
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
+def ensure_registered(config: Config, stop: threading.Event) -> bool:
+    """Register with the server when there are no credentials; retry while it is down."""
+    if config.credentials() is not None:
+        return True
+    delay = 1.0
+    while not stop.is_set():
+        api = ServerAPI(config.get("agent", "server_url"))
+        try:
+            answer = api.register(config.get("agent", "enrollment_key"))
+        except AuthError as exc:
+            log.error("registration refused: %s (check [agent] enrollment_key in %s)",
+                      exc, config.path)
+            return False
+        except ServerError as exc:
+            log.error("registration failed: %s; retrying in %.0f s", exc, delay)
+            stop.wait(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 60.0)
+            continue
+        finally:
+            api.close()
+        path = config.save_credentials(answer["client_id"], answer["token"], answer["tickle_key"])
+        log.info("registered as %s; credentials in %s", answer["client_id"], path)
+        return True
+    return False
+
+
+class Supervisor:
+    def __init__(self, config: Config):
+        self.config = config
+        self.children = [Child(name, module) for name, module in CHILDREN]
+        self.stop = threading.Event()
+
+    def _start(self, child: Child) -> None:
+        cmd = [sys.executable, "-m", child.module, "--config", self.config.path]
+        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def _check(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.proc is None:
+            if now >= child.restart_at:
+                self._start(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            if child.backoff and now - child.started_at > HEALTHY_AFTER_S:
+                child.backoff = 0.0
+            return
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        child.backoff = min(max(child.backoff * 2, 1.0), BACKOFF_MAX_S)
+        child.restart_at = now + child.backoff
+        child.restarts += 1
+        child.proc = None
+        log.error("%s %s; restarting in %.0f s (restart #%d)", child.name, how,
+                  child.backoff, child.restarts)
+
+    def serve(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        state_dir = self.config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        load_hop_key(state_dir, create=True)
+        if not ensure_registered(self.config, self.stop):
+            return 0 if self.stop.is_set() else 2
+        for child in self.children:
+            self._start(child)
+        while not self.stop.wait(0.2):
+            for child in self.children:
+                self._check(child)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        live = [c for c in self.children if c.proc and c.proc.poll() is None]
+        log.info("stopping %s", ", ".join(c.name for c in live) or "nothing")
+        for child in live:
+            child.proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in live:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
+                child.proc.kill()
+                child.proc.wait()
+        log.info("agent stopped")
+
+
+def run(config_path: str) -> int:
+    try:
+        config = load_config(config_path)
+    except DsagentError as exc:
+        log.error("%s", exc)
+        return 2
+    return Supervisor(config).serve()

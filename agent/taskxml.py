@@ -1,0 +1,194 @@
+"""Parse a <ClientTasks> document (PROTOCOL.md §3) safely into Task objects.
+
+Safety: a size limit before parsing; no DTD at all (so no entity of any kind,
+internal or external); an element depth limit enforced while parsing, so
+neither billion laughs nor deep nesting can cost memory. Bad input never
+raises anything but TaskDocumentError.
+
+Outcomes, as §3 says:
+- the document is unusable -> TaskDocumentError (logged, the pull retried later);
+- a Task whose id is readable but which is otherwise bad -> ``rejected``
+  (it goes received -> failed with the message);
+- a Task with no readable id -> ``skipped`` (logged only).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from xml.parsers import expat as _expat
+
+import xmltodict
+
+from .errors import TaskDocumentError
+from .tasks import Task
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 6            # ClientTasks/Task/Parameters/Parameter + slack
+MAX_TIMEOUT_S = 30 * 24 * 3600
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
+TASK_ATTRS = {"@id", "@type", "@timeout"}
+
+
+@dataclass
+class Rejected:
+    task_id: str
+    type: str
+    message: str
+
+
+@dataclass
+class ParsedDocument:
+    tasks: list[Task] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)    # log messages
+
+
+class _Refuse(Exception):
+    pass
+
+
+class _GuardedParser:
+    """An expat parser that refuses DTDs and nesting deeper than MAX_DEPTH."""
+
+    def __init__(self, parser):
+        object.__setattr__(self, "_parser", parser)
+        object.__setattr__(self, "_depth", 0)
+        parser.StartDoctypeDeclHandler = self._doctype
+
+    def _doctype(self, *args):
+        raise _Refuse("a DTD (<!DOCTYPE>) is not allowed")
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+    def __setattr__(self, name, value):
+        if name == "StartElementHandler":
+            inner = value
+
+            def value(*args):  # noqa: E306 - wraps xmltodict's handler
+                object.__setattr__(self, "_depth", self._depth + 1)
+                if self._depth > MAX_DEPTH:
+                    raise _Refuse(f"elements nested deeper than {MAX_DEPTH}")
+                return inner(*args)
+        elif name == "EndElementHandler":
+            inner_end = value
+
+            def value(*args):  # noqa: E306
+                object.__setattr__(self, "_depth", self._depth - 1)
+                return inner_end(*args)
+        setattr(self._parser, name, value)
+
+
+class _GuardedExpat:
+    ExpatError = _expat.ExpatError
+
+    @staticmethod
+    def ParserCreate(*args, **kwargs):
+        return _GuardedParser(_expat.ParserCreate(*args, **kwargs))
+
+
+def parse_client_tasks(data: bytes | str, client_id: str | None = None,
+                       max_bytes: int = MAX_DOCUMENT_BYTES) -> ParsedDocument:
+    """Parse and validate a <ClientTasks> document (see module docstring)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) > max_bytes:
+        raise TaskDocumentError(f"document is {len(data)} bytes, over the {max_bytes}-byte limit")
+    try:
+        doc = xmltodict.parse(data, expat=_GuardedExpat, disable_entities=True,
+                              strip_whitespace=False, force_list=("Task", "Parameter", "Parameters"))
+    except _Refuse as exc:
+        raise TaskDocumentError(str(exc)) from None
+    except _expat.ExpatError as exc:
+        raise TaskDocumentError(f"not well-formed XML: {exc}") from None
+    except ValueError as exc:  # xmltodict refuses entity declarations this way
+        raise TaskDocumentError(f"refused XML: {exc}") from None
+    if not isinstance(doc, dict) or list(doc) != ["ClientTasks"]:
+        root = next(iter(doc), None) if isinstance(doc, dict) else None
+        raise TaskDocumentError(f"root element is <{root}>, expected <ClientTasks>")
+    root = doc["ClientTasks"] or {}
+    if isinstance(root, str):
+        if root.strip():
+            raise TaskDocumentError("<ClientTasks> holds text instead of <Task> elements")
+        root = {}
+    addressed = root.get("@client")
+    if client_id is not None and addressed is not None and addressed != client_id:
+        raise TaskDocumentError(f"document is addressed to client '{addressed}', we are '{client_id}'")
+    result = ParsedDocument()
+    for key in root:
+        if key not in ("Task", "@client", "#text"):
+            result.skipped.append(f"ignored unexpected <ClientTasks> content '{key}'")
+    seen: set[str] = set()
+    for index, node in enumerate(root.get("Task") or [], start=1):
+        _parse_task(node, index, seen, result)
+    return result
+
+
+def _parse_task(node, index: int, seen: set[str], result: ParsedDocument) -> None:
+    if not isinstance(node, dict):
+        node = {"#text": node or ""}
+    task_id = node.get("@id")
+    if not task_id or len(task_id) > 128 or not task_id.isprintable() or task_id.strip() != task_id:
+        result.skipped.append(f"Task #{index} has no readable id; skipped")
+        return
+    if task_id in seen:
+        result.skipped.append(f"Task {task_id} appears twice in the document; the repeat is skipped")
+        return
+    seen.add(task_id)
+    type_name = node.get("@type") or ""
+    try:
+        if not UUID_RE.fullmatch(task_id):
+            raise _Refuse(f"task id '{task_id}' is not a UUID")
+        if not TYPE_RE.fullmatch(type_name):
+            raise _Refuse(f"missing or malformed type attribute {type_name!r}")
+        for key in node:
+            if key.startswith("@") and key not in TASK_ATTRS:
+                raise _Refuse(f"unknown attribute '{key[1:]}' on <Task>")
+            if not key.startswith("@") and key not in ("Parameters", "#text"):
+                raise _Refuse(f"unexpected element <{key}> in <Task>")
+        if str(node.get("#text") or "").strip():
+            raise _Refuse("<Task> holds text outside <Parameters>")
+        timeout = _parse_timeout(node.get("@timeout"))
+        parameters = _parse_parameters(node.get("Parameters") or [])
+    except _Refuse as exc:
+        result.rejected.append(Rejected(task_id, type_name, str(exc)))
+        return
+    result.tasks.append(Task(task_id, type_name, parameters, timeout))
+
+
+def _parse_timeout(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_TIMEOUT_S:
+        raise _Refuse(f"timeout {raw!r} is not a whole number of seconds in 1..{MAX_TIMEOUT_S}")
+    return int(text)
+
+
+def _parse_parameters(blocks: list) -> dict[str, str]:
+    if len(blocks) > 1:
+        raise _Refuse("more than one <Parameters> element")
+    params: dict[str, str] = {}
+    block = blocks[0] if blocks else None
+    if block is None or isinstance(block, str):
+        if block and block.strip():
+            raise _Refuse("<Parameters> holds text instead of <Parameter> elements")
+        return params
+    for key in block:
+        if key not in ("Parameter", "#text"):
+            raise _Refuse(f"unexpected {key!r} in <Parameters>")
+    for item in block.get("Parameter") or []:
+        if item is None or isinstance(item, str):
+            raise _Refuse("a <Parameter> has no name attribute")
+        name = item.get("@name")
+        extra = [k for k in item if k not in ("@name", "#text")]
+        if not name:
+            raise _Refuse("a <Parameter> has no name attribute")
+        if extra:
+            raise _Refuse(f"parameter '{name}' has unexpected content {extra[0]!r}")
+        if name in params:
+            raise _Refuse(f"parameter '{name}' is given twice")
+        params[name] = item.get("#text") or ""
+    return params

@@ -1,0 +1,5 @@
+import sys
+
+from .uploader import main
+
+sys.exit(main())

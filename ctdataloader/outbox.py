@@ -1,0 +1,54 @@
+"""The uploader's view of the outbox table in the agent's state DB.
+
+Events are read oldest first and deleted only once the server has accepted
+their ids; until then they survive any crash, reboot or outage.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.statedb import connect
+
+
+class Outbox:
+    def __init__(self, path: str | Path):
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+
+    def batch(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Up to ``limit`` events, in the order they happened."""
+        with self._lock:
+            rows = self._conn.execute("SELECT body FROM outbox ORDER BY id LIMIT ?",
+                                      (limit,)).fetchall()
+        return [json.loads(body) for (body,) in rows]
+
+    def delete(self, event_ids: list[str]) -> int:
+        """Forget accepted events; return how many were removed."""
+        if not event_ids:
+            return 0
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            removed = 0
+            for start in range(0, len(event_ids), 500):
+                chunk = event_ids[start:start + 500]
+                cur = self._conn.execute(
+                    f"DELETE FROM outbox WHERE event_id IN ({','.join('?' * len(chunk))})", chunk)
+                removed += cur.rowcount
+            self._conn.execute("COMMIT")
+        return removed
+
+    def depth(self) -> tuple[int, float | None]:
+        """(events waiting, age in seconds of the oldest one or None)."""
+        with self._lock:
+            count, oldest = self._conn.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        return count, (time.time() - oldest) if oldest else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,116 @@
+"""The upload loop (``python -m ctdataloader --config FILE``).
+
+Sleeps until the CTA signals a new event (no polling delay on the hot path;
+a 30 s safety-net wake covers a lost signal), uploads batches in order,
+deletes only the ids the server accepted, and on failure backs off
+exponentially with full jitter (0.5 s doubling to 60 s) so a server outage
+sees a trickle of retries, not a storm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import signal
+import sys
+import threading
+
+from agent.config import Config, load_config
+from agent.errors import AuthError, DsagentError, ServerError
+from agent.logsetup import setup_logging
+from agent.notify import Notifier, NotifyListener
+from agent.serverapi import ServerAPI
+from agent.statedb import db_path
+
+from .outbox import Outbox
+
+log = logging.getLogger("dsagent.ctdataloader")
+
+BATCH = 500
+SAFETY_NET_S = 30.0
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 60.0
+
+
+class Uploader:
+    def __init__(self, config: Config):
+        creds = config.credentials()
+        if creds is None:
+            raise DsagentError(f"{config.path}: agent not registered yet (no token)")
+        self.state_dir = config.state_dir
+        self.outbox = Outbox(db_path(config.state_dir))
+        self.listener = NotifyListener(config.state_dir)
+        self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
+        self.stop = threading.Event()
+        self.backoff = 0.0
+        self.uploaded = 0
+
+    def upload_once(self) -> int:
+        """Upload one batch; return how many events the server accepted."""
+        events = self.outbox.batch(BATCH)
+        if not events:
+            return 0
+        accepted = set(self.api.post_status(events))
+        sent = [e["event_id"] for e in events]
+        removed = self.outbox.delete([eid for eid in sent if eid in accepted])
+        refused = [eid for eid in sent if eid not in accepted]
+        if refused:
+            raise ServerError(f"server did not accept {len(refused)} of {len(sent)} event(s), "
+                              f"e.g. {refused[0]}; they stay in the outbox")
+        self.uploaded += removed
+        log.debug("uploaded %d event(s)", removed)
+        return removed
+
+    def run(self) -> None:
+        log.info("ctdataloader started; %d event(s) waiting", self.outbox.depth()[0])
+        while not self.stop.is_set():
+            try:
+                if self.upload_once() == BATCH:
+                    continue  # more waiting: keep going
+                self.backoff = 0.0
+            except (ServerError, OSError) as exc:
+                self.backoff = min(max(self.backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
+                delay = random.uniform(self.backoff / 2, self.backoff)
+                depth, age = self.outbox.depth()
+                what = "token refused" if isinstance(exc, AuthError) else "upload failed"
+                log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
+                          what, exc, depth, age or 0, delay)
+                self.stop.wait(delay)
+                continue
+            if self.outbox.depth()[0]:
+                continue
+            self.listener.wait(SAFETY_NET_S)
+
+    def close(self) -> None:
+        self.api.close()
+        self.outbox.close()
+        self.listener.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ctdataloader")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    setup_logging("ctdataloader")
+    try:
+        uploader = Uploader(load_config(args.config))
+    except (DsagentError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    waker = Notifier(uploader.state_dir)
+
+    def on_signal(*_):
+        uploader.stop.set()
+        waker.notify()  # ends a wait at once
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    uploader.run()
+    uploader.close()
+    log.info("ctdataloader stopped; %d event(s) uploaded", uploader.uploaded)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

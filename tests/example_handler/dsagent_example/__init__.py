@@ -1,0 +1,1 @@
+"""Example third-party handler package for dsagent (see handler.py)."""

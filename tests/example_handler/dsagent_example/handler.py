@@ -1,0 +1,56 @@
+"""Task types of a third-party package.
+
+- ``Example.Echo``: returns its ``text`` parameter reversed, with progress.
+- ``Example.Sleep``: sleeps ``seconds`` (used to test timeouts and cancels).
+- ``Example.Crash``: kills its own worker process (tests containment).
+"""
+
+import os
+import signal
+import threading
+
+from agent import hookimpl
+from agent.errors import BadParameters, TaskFailed
+from agent.tasks import TaskType
+
+_cancelled: dict[str, threading.Event] = {}
+
+
+@hookimpl
+def dsagent_task_types(register):
+    register(TaskType("Example.Echo", default_timeout=60, description="reverse the text parameter"))
+    register(TaskType("Example.Sleep", default_timeout=60, description="sleep N seconds"))
+    register(TaskType("Example.Crash", default_timeout=60, description="kill its worker"))
+
+
+@hookimpl
+def dsagent_validate_task(task, config):
+    if task.type == "Example.Echo" and "text" not in task.parameters:
+        raise BadParameters("parameter 'text' is missing")
+    if task.type == "Example.Sleep":
+        try:
+            float(task.parameters.get("seconds", ""))
+        except ValueError:
+            raise BadParameters("parameter 'seconds' must be a number") from None
+
+
+@hookimpl
+def dsagent_run_task(task, ctx):
+    if task.type == "Example.Echo":
+        text = task.parameters["text"]
+        if text == "fail":
+            raise TaskFailed("asked to fail", {"text": text})
+        ctx.progress(50, "half way")
+        return {"reversed": text[::-1]}
+    if task.type == "Example.Sleep":
+        stop = _cancelled.setdefault(task.id, threading.Event())
+        if stop.wait(float(task.parameters["seconds"])):
+            raise TaskFailed("cancelled while sleeping")
+        return {"slept": float(task.parameters["seconds"])}
+    if task.type == "Example.Crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@hookimpl
+def dsagent_cancel_task(task):
+    _cancelled.setdefault(task.id, threading.Event()).set()
