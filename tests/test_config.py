@@ -1,0 +1,98 @@
+"""Config loading: §6 keys, unknown/missing keys named with the file, fuzzing."""
+
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agent.config import check_config, load_config
+from agent.errors import ConfigError
+
+GOOD = """
+[agent]
+server_url = "https://ns.example:8443"
+client_id  = "pc-0042"
+token      = "t"
+tickle_key = "00ff"
+state_dir  = "{state}"
+
+[objecthost]
+listen = "0.0.0.0:50122"
+
+[cta]
+listen = "127.0.0.1:50124"
+poll_interval_s = 300
+max_concurrent_tasks = 2
+
+[handlers]
+sbs_dir       = "/srv/sbs/SBS"
+image_store   = "/srv/images"
+package_store = "/srv/packages"
+preboot_store = "/srv/preboot"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_protocol_example_loads(tmp_path):
+    config = load_config(write(tmp_path, GOOD.format(state=tmp_path)))
+    assert config.get("cta", "max_concurrent_tasks") == 2
+    assert config.handlers["sbs_dir"] == "/srv/sbs/SBS"
+    assert config.handlers["run_script"] is True
+    creds = config.credentials()
+    assert (creds.client_id, creds.token, creds.tickle_key) == ("pc-0042", "t", b"\x00\xff")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("poll_interval_s", "poll_intervall_s"), "unknown key 'poll_intervall_s' in [cta]"),
+    (lambda t: t.replace('server_url = "https://ns.example:8443"\n', ""), "missing required key 'server_url'"),
+    (lambda t: t + "\n[extra]\nx = 1\n", "unknown section [extra]"),
+    (lambda t: t.replace("max_concurrent_tasks = 2", 'max_concurrent_tasks = "2"'), "must be an integer"),
+    (lambda t: t.replace('tickle_key = "00ff"', 'tickle_key = "zz"'), "must be hex"),
+    (lambda t: t.replace('listen = "127.0.0.1:50124"', 'listen = "127.0.0.1"'), "HOST:PORT"),
+    (lambda t: t.replace("[agent]", "[agent"), "not valid TOML"),
+])
+def test_bad_config_names_key_and_file(tmp_path, edit, message):
+    path = write(tmp_path, edit(GOOD.format(state=tmp_path)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_and_missing_section(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"missing section \[agent\]"):
+        load_config(write(tmp_path, "[cta]\npoll_interval_s = 5\n"))
+    assert load_config(write(tmp_path, "[handlers]\nrun_script = false\n"), require=()).handlers[
+        "run_script"] is False
+
+
+def test_registration_credentials_saved_private_and_used(tmp_path):
+    text = GOOD.format(state=tmp_path).replace('token      = "t"\n', "")
+    config = load_config(write(tmp_path, text))
+    assert config.credentials() is None
+    path = config.save_credentials("pc-9", "tok", "abcd")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert config.credentials().client_id == "pc-9"
+
+
+toml_values = st.one_of(st.integers(), st.text(max_size=10), st.booleans(), st.floats(allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["agent", "cta", "objecthost", "handlers", "bogus"]),
+                       st.dictionaries(st.sampled_from(["listen", "server_url", "state_dir",
+                                                        "poll_interval_s", "max_concurrent_tasks",
+                                                        "tickle_key", "run_script", "x"]),
+                                       toml_values, max_size=4), max_size=4))
+def test_fuzz_config_only_raises_config_error(raw):
+    try:
+        check_config(raw, "fuzz.toml")
+    except ConfigError:
+        pass
