@@ -157,6 +157,8 @@ class CTA:
                 if not chunk:
                     break
                 data += chunk
+            if not data:
+                return  # a port probe: nothing to answer
             try:
                 check_wake(data, self.hop_key, cache)
             except TickleRefused as exc:

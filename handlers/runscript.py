@@ -9,6 +9,7 @@ task. ``[handlers] run_script = false`` disables it on a machine.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import subprocess
@@ -49,6 +50,12 @@ def dsagent_validate_task(task, config):
         raise BadParameters(f"interpreter {interpreter} is not an executable file on this machine")
 
 
+def _die_with_worker() -> None:
+    """In the child: SIGKILL the script if its worker dies (an agent crash
+    must not leave scripts running unsupervised)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _tail(stream, into: collections.deque) -> None:
     for chunk in iter(lambda: stream.read(8192), b""):
         into.append(chunk)
@@ -70,7 +77,8 @@ def dsagent_run_task(task, ctx):
         env = dict(os.environ, DSAGENT_TASK_ID=task.id)
         proc = subprocess.Popen([interpreter, path], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=env, cwd=tmp)
+                                start_new_session=True, env=env, cwd=tmp,
+                                preexec_fn=_die_with_worker)
         _running[task.id] = proc
         out, err = collections.deque(), collections.deque()
         readers = [threading.Thread(target=_tail, args=(proc.stdout, out), daemon=True),

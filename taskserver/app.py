@@ -1,0 +1,409 @@
+"""The reference task server's HTTP API (PROTOCOL.md §3) and its tickle sender (§2).
+
+Standard library only: ``http.server`` (one daemon thread per connection),
+HTTP/1.1 keep-alive with Content-Length. Every response goes out in a single
+write with Nagle disabled: ``http.server``'s usual two writes (headers, then
+body) cost a delayed-ACK round trip, ~44 ms per request instead of ~0.5 ms.
+
+Endpoints::
+
+    POST /api/v1/register                 201 {client_id, token, tickle_key, poll_interval_s}
+    GET  /api/v1/clients/{id}/tasks       200 application/xml <ClientTasks>
+    POST /api/v1/clients/{id}/status      200 {"accepted": [...]}
+
+All but register need ``Authorization: Bearer <token>`` (else 401). Errors are
+JSON ``{"error": "..."}``: 400 bad JSON, 403 registration refused, 404
+unknown path, 405 wrong method, 411 no Content-Length, 413 body over
+``max_body`` bytes.
+
+For tests: ``request_counts(client_id)`` counts each client's requests by
+endpoint, and ``set_fault(503)`` makes the server answer every request with
+that status (still counting them) to simulate an outage; ``stop()`` and
+``start()`` again reopen the same port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from agent.errors import DsagentError
+from agent.tickle import send_tickle
+
+from .store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
+
+log = logging.getLogger("taskserver")
+
+MAX_BODY = 16 * 1024 * 1024
+SERVER_NAME = "dsagent-server/0.1"
+TASKS_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status)")
+
+_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord('"'): "&quot;",
+                 ord("'"): "&apos;", ord("\r"): "&#13;"}
+_ATTR_ESCAPES = {**_TEXT_ESCAPES, ord("\n"): "&#10;", ord("\t"): "&#9;"}
+
+
+class TickleFailed(DsagentError):
+    """A tickle could not be sent (unknown client, no address, unreachable)."""
+
+
+def xml_text(value: str) -> str:
+    """Escape character data so an XML parser gives back exactly ``value``.
+
+    ``\\r`` becomes ``&#13;``: a literal CR would be normalised to LF.
+    """
+    return value.translate(_TEXT_ESCAPES)
+
+
+def xml_attr(value: str) -> str:
+    """Escape an attribute value (also tab and newline, which parsers turn into spaces)."""
+    return value.translate(_ATTR_ESCAPES)
+
+
+def render_tasks(client_id: str, tasks: Iterable[dict]) -> bytes:
+    """The §3 ``<ClientTasks>`` document (UTF-8) for ``pending_tasks()`` rows.
+
+    Compact, with no whitespace between elements, so a parser that keeps
+    whitespace (xmltodict ``strip_whitespace=False``) sees only parameter text.
+    """
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n',
+           f'<ClientTasks client="{xml_attr(client_id)}">']
+    for task in tasks:
+        out.append(f'<Task id="{xml_attr(task["task_id"])}" type="{xml_attr(task["type"])}"')
+        if task.get("timeout") is not None:
+            out.append(f' timeout="{int(task["timeout"])}"')
+        out.append("><Parameters>")
+        for name, value in task["params"].items():
+            out.append(f'<Parameter name="{xml_attr(name)}">{xml_text(value)}</Parameter>')
+        out.append("</Parameters></Task>")
+    out.append("</ClientTasks>\n")
+    return "".join(out).encode("utf-8")
+
+
+def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
+                  addr: str | None = None) -> str:
+    """Send a signed tickle to ``client_id``'s objecthost; return its answer line.
+
+    The answer is ``OK`` or ``ERR <code>``. Raises TickleFailed with a clear
+    message if the client is unknown, has no tickle address, or cannot be
+    reached. ``addr`` overrides the stored address for this one tickle.
+    """
+    client = store.client(client_id)
+    if client is None:
+        raise TickleFailed(f"cannot tickle {client_id!r}: no such client")
+    addr = addr or client["tickle_addr"]
+    if not addr:
+        raise TickleFailed(f"cannot tickle {client_id!r}: no tickle address is known "
+                           "(enroll with --tickle HOST:PORT or use set_tickle_addr)")
+    try:
+        host, port = parse_hostport(addr)
+    except InvalidRequest as exc:
+        raise TickleFailed(f"cannot tickle {client_id!r}: bad tickle address: {exc}") from None
+    try:
+        answer = send_tickle(host, port, client_id, bytes.fromhex(client["tickle_key"]),
+                             timeout=timeout)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise TickleFailed(f"cannot tickle {client_id!r} at {addr}: {reason}") from None
+    if not answer:
+        raise TickleFailed(f"tickle to {client_id!r} at {addr}: the objecthost closed the "
+                           "connection without answering")
+    return answer
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, app: "TaskServer", family: int):
+        self.address_family = family
+        self.app = app
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind also does a reverse DNS lookup (getfqdn), which
+        # can take seconds on a machine with broken DNS; we never need the name.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def track(self, sock: socket.socket, add: bool) -> None:
+        with self._open_lock:
+            (self._open.add if add else self._open.discard)(sock)
+
+    def close_connections(self) -> None:
+        """Cut every open keep-alive connection (a real outage drops them too)."""
+        with self._open_lock:
+            socks = list(self._open)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = SERVER_NAME
+    sys_version = ""
+    timeout = 60            # idle keep-alive connections and slow senders are dropped
+    server: _HTTPServer
+
+    # -- connection bookkeeping ---------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self.connection, False)
+
+    # -- output: one write per response -------------------------------------
+
+    def _send(self, code: int, body: bytes, content_type: str,
+              headers: Iterable[tuple[str, str]] = ()) -> None:
+        reason = self.responses.get(code, ("",))[0]
+        lines = [f"HTTP/1.1 {code} {reason}", f"Server: {SERVER_NAME}",
+                 f"Date: {self.date_time_string()}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(body)}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.log_request(code, len(body))
+
+    def _json(self, code: int, data: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
+        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._send(code, body, "application/json", headers)
+
+    def _error(self, code: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        self._json(code, {"error": message}, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None):
+        """http.server's own protocol errors (bad request line, 501...), as JSON."""
+        self.close_connection = True
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.app.verbose:
+            log.info("%s %s", self.address_string(), format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- input ----------------------------------------------------------------
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering 411/413 (connection closed)."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._error(411, "send the body with Content-Length (chunked bodies are not supported)")
+            return None
+        length = self.headers.get("Content-Length")
+        if length is None:
+            if self.command in ("POST", "PUT", "PATCH"):
+                self.close_connection = True
+                self._error(411, "Content-Length required")
+                return None
+            return b""
+        if not length.strip().isdigit():
+            self.close_connection = True
+            self._error(400, f"bad Content-Length {length!r}")
+            return None
+        size = int(length)
+        if size > self.server.app.max_body:
+            self.close_connection = True
+            self._error(413, f"body of {size} bytes is over the {self.server.app.max_body} "
+                             "byte limit")
+            return None
+        body = self.rfile.read(size) if size else b""
+        if len(body) != size:
+            self.close_connection = True
+            return None
+        return body
+
+    def _parse_json(self, body: bytes) -> Any:
+        def no_constants(name: str) -> Any:
+            raise ValueError(f"{name} is not valid JSON")
+        try:
+            return json.loads(body.decode("utf-8"), parse_constant=no_constants)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRequest(f"body is not valid UTF-8 JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("body is JSON nested too deeply") from None
+
+    def _bearer(self) -> str | None:
+        value = self.headers.get("Authorization", "")
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    # -- dispatch -------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        app = self.server.app
+        try:
+            body = self._read_body()
+            if body is None:
+                return
+            path = urlsplit(self.path).path
+            match = TASKS_PATH_RE.fullmatch(path)
+            if path == "/api/v1/register":
+                client_id, endpoint, method = None, "register", "POST"
+            elif match:
+                client_id, endpoint = unquote(match.group(1)), match.group(2)
+                method = "GET" if endpoint == "tasks" else "POST"
+            else:
+                self._error(404, f"no such endpoint: {path}")
+                return
+            if app.fault is not None and (app.fault_endpoints is None
+                                          or endpoint in app.fault_endpoints):
+                if client_id:
+                    app.store.count_request(client_id, endpoint)
+                self._error(app.fault, "simulated outage")
+                return
+            if self.command != method:
+                self._error(405, f"{path} takes {method}, not {self.command}",
+                            [("Allow", method)])
+                return
+            if endpoint == "register":
+                self._register(body)
+                return
+            app.store.count_request(client_id, endpoint)
+            if not app.store.auth(client_id, self._bearer()):
+                self._error(401, "missing or invalid bearer token for this client",
+                            [("WWW-Authenticate", 'Bearer realm="dsagent"')])
+                return
+            if endpoint == "tasks":
+                xml = render_tasks(client_id, app.store.pending_tasks(client_id))
+                self._send(200, xml, "application/xml")
+            else:
+                self._status(client_id, body)
+        except InvalidRequest as exc:
+            self._error(400, str(exc))
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("error answering %s %s", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._error(500, "internal server error (see the server log)")
+            except OSError:
+                pass
+
+    def _register(self, body: bytes) -> None:
+        app = self.server.app
+        data = self._parse_json(body)
+        try:
+            creds = app.store.register(data, app.enrollment_key)
+        except RegistrationRefused as exc:
+            log.warning("registration from %s refused: %s", self.address_string(), exc)
+            self._error(403, str(exc))
+            return
+        app.store.count_request(creds["client_id"], "register")
+        self._json(201, {**creds, "poll_interval_s": app.poll_interval_s})
+
+    def _status(self, client_id: str, body: bytes) -> None:
+        data = self._parse_json(body)
+        if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+            raise InvalidRequest('body must be {"events": [...]}')
+        accepted = self.server.app.store.record_events(client_id, data["events"])
+        self._json(200, {"accepted": accepted})
+
+
+class TaskServer:
+    """The §3 HTTP API over a TaskStore, served from a background thread.
+
+    ``port=0`` picks a free port; ``.port`` and ``.url`` tell which.
+    ``enrollment_key=None`` disables registration (403).
+    """
+
+    def __init__(self, store: TaskStore, host: str = "127.0.0.1", port: int = 0,
+                 enrollment_key: str | None = None, poll_interval_s: int = 300,
+                 *, verbose: bool = False, max_body: int = MAX_BODY):
+        self.store = store
+        self.host = host
+        self.port = port
+        self.enrollment_key = enrollment_key or None
+        self.poll_interval_s = int(poll_interval_s)
+        self.verbose = verbose
+        self.max_body = max_body
+        self.fault: int | None = None
+        self.fault_endpoints: frozenset[str] | None = None
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._httpd is not None
+
+    def start(self) -> "TaskServer":
+        """Listen and serve in a daemon thread (again on the same port after stop())."""
+        if self._httpd is not None:
+            return self
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._httpd = _HTTPServer((self.host, self.port), _Handler, self, family)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.1},
+                                        name=f"taskserver:{self.port}", daemon=True)
+        self._thread.start()
+        log.info("task server listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut open connections (the port can be reused by start())."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.close_connections()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> "TaskServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def tickle(self, client_id: str, timeout: float = 5.0) -> str:
+        """Tickle ``client_id``'s objecthost; return its answer (``OK`` / ``ERR code``)."""
+        return tickle_client(self.store, client_id, timeout)
+
+    def request_counts(self, client_id: str) -> dict[str, int]:
+        """Requests received from ``client_id``, by endpoint: register, tasks, status."""
+        return self.store.request_counts(client_id)
+
+    def set_fault(self, status: int | None, endpoints: Iterable[str] | None = None) -> None:
+        """Answer every request (or those to ``endpoints``) with ``status``; None clears.
+
+        Requests are still counted, so tests can measure retries during an outage.
+        """
+        self.fault_endpoints = None if endpoints is None else frozenset(endpoints)
+        self.fault = status

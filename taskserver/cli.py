@@ -1,0 +1,427 @@
+"""``dsagent-server`` (also ``python -m taskserver``): run and drive the reference task server.
+
+    dsagent-server serve   --db FILE --listen HOST:PORT [--enrollment-key K] [--poll-interval S]
+    dsagent-server enroll  --db FILE --client-id ID [--tickle HOST:PORT]
+                           [--agent-config FILE --server-url URL --state-dir DIR [--set SECTION.KEY=VALUE ...]]
+    dsagent-server queue   --db FILE --client ID (FILE.xml | --type T [--param NAME=VALUE ...]
+                           [--param-file NAME=PATH ...] [--timeout S]) [--tickle]
+    dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
+    dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
+    dsagent-server clients --db FILE [--json]
+
+Every command but ``serve`` works on the database directly, so it can run
+while a server process serves the same file. Exit status: 0 done, 1 failed
+(tickle not answered OK, unknown client or task, bad task), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from agent.config import SCHEMA as AGENT_SCHEMA, check_config
+from agent.errors import DsagentError
+
+from .app import TaskServer, tickle_client
+from .store import TERMINAL_STATES, TaskStore, parse_hostport
+
+PROG = "dsagent-server"
+
+
+class CliError(Exception):
+    """A failure to report on stderr with exit status 1."""
+
+
+# -- helpers -----------------------------------------------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    out = ['"']
+    for ch in str(value):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def render_agent_config(sections: dict[str, dict[str, Any]]) -> str:
+    """A §6 agent config (TOML) from ``{section: {key: value}}``."""
+    lines = ["# dsagent agent config, written by `dsagent-server enroll`.",
+             "# It holds this client's token and tickle key: keep it private (mode 0600)."]
+    for section, table in sections.items():
+        if not table:
+            continue
+        lines.append("")
+        lines.append(f"[{section}]")
+        width = max(len(key) for key in table)
+        lines += [f"{key.ljust(width)} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _parse_setting(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value typed by the agent's config schema)."""
+    dotted, sep, raw = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot:
+        raise CliError(f"--set {text!r}: expected SECTION.KEY=VALUE")
+    if section not in AGENT_SCHEMA or key not in AGENT_SCHEMA[section]:
+        raise CliError(f"--set {text!r}: the agent config has no key '{key}' in [{section}]")
+    if section == "agent":
+        raise CliError(f"--set {text!r}: [agent] keys come from enroll's own options")
+    kind = AGENT_SCHEMA[section][key][0]
+    if kind is bool:
+        if raw.lower() not in ("true", "false"):
+            raise CliError(f"--set {text!r}: [{section}] {key} must be true or false")
+        return section, key, raw.lower() == "true"
+    if kind is int:
+        try:
+            return section, key, int(raw)
+        except ValueError:
+            raise CliError(f"--set {text!r}: [{section}] {key} must be an integer") from None
+    return section, key, raw
+
+
+def write_agent_config(path: str, server_url: str, state_dir: str, creds: dict,
+                       settings: list[str]) -> None:
+    sections: dict[str, dict[str, Any]] = {"agent": {
+        "server_url": server_url, "client_id": creds["client_id"], "token": creds["token"],
+        "tickle_key": creds["tickle_key"], "state_dir": state_dir}}
+    for text in settings:
+        section, key, value = _parse_setting(text)
+        sections.setdefault(section, {})[key] = value
+    text = render_agent_config(sections)
+    check_config(tomllib.loads(text), path)        # the agent must accept what we write
+    target = Path(path)
+    if target.parent != Path(""):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _one_line(text: Any, limit: int = 80) -> str:
+    if text is None:
+        return ""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _fmt_progress(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}%" if isinstance(value, (int, float)) else str(value)
+
+
+def format_history(history: list[dict], show_client: bool) -> str:
+    """The status table: one row per event, the task id and type on its first row."""
+    header = (["CLIENT"] if show_client else []) + [
+        "TASK ID", "TYPE", "SEQ", "STATE", "PROGRESS", "AT", "MESSAGE"]
+    rows: list[list[str]] = []
+    groups: list[int] = []
+    for task in history:
+        groups.append(len(rows))
+        events = task["events"] or [None]
+        for number, event in enumerate(events):
+            first = number == 0
+            lead = ([task["client_id"] if first else ""] if show_client else [])
+            ident = [task["task_id"] if first else "", task["type"] if first else ""]
+            if event is None:
+                rows.append(lead + ident + ["-", "queued", "-", task["queued_at"],
+                                            "waiting for the agent to pull it"])
+            else:
+                rows.append(lead + ident + [str(event["seq"]), event["state"],
+                                            _fmt_progress(event["progress"]), event["at"],
+                                            _one_line(event["message"])])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    right = {header.index("SEQ"), header.index("PROGRESS")}
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w)
+               for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    starts = set(groups)
+    for index, row in enumerate(rows):
+        if index in starts and index:
+            out.append("")
+        out.append(line(row))
+    counts: dict[str, int] = {}
+    for task in history:
+        counts[task["state"]] = counts.get(task["state"], 0) + 1
+    order = ["queued", "received", "running", "progress", *TERMINAL_STATES]
+    summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (
+        order.index(s) if s in order else len(order), s)))
+    noun = "task" if len(history) == 1 else "tasks"
+    out += ["", f"{len(history)} {noun}: {summary}" if history else "no tasks"]
+    return "\n".join(out)
+
+
+# -- commands ----------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    host, port = _hostport(args.listen, "--listen", allow_zero=True)
+    store = TaskStore(args.db)
+    server = TaskServer(store, host, port, enrollment_key=args.enrollment_key,
+                        poll_interval_s=args.poll_interval, verbose=args.verbose)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(server.url, flush=True)
+    print(f"{PROG}: serving {server.url} from {args.db}"
+          f"{'' if args.enrollment_key else ' (registration disabled: no --enrollment-key)'}"
+          "; SIGINT/SIGTERM stops", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        store.close()
+    print(f"{PROG}: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    wanted = {"--agent-config": args.agent_config, "--server-url": args.server_url,
+              "--state-dir": args.state_dir}
+    given = [k for k, v in wanted.items() if v]
+    if given and len(given) != len(wanted):
+        missing = ", ".join(k for k in wanted if k not in given)
+        raise CliError(f"writing an agent config also needs {missing}")
+    if args.set and not given:
+        raise CliError("--set only applies with --agent-config")
+    if args.agent_config:
+        for text in args.set:          # check before enrolling anything
+            _parse_setting(text)
+        if not args.server_url.startswith(("http://", "https://")):
+            raise CliError("--server-url must start with http:// or https://")
+    with TaskStore(args.db) as store:
+        creds = store.enroll(args.client_id, tickle_addr=args.tickle, name=args.name)
+    for key in ("client_id", "token", "tickle_key"):
+        print(f"{key} = {creds[key]}")
+    if args.agent_config:
+        write_agent_config(args.agent_config, args.server_url, args.state_dir, creds, args.set)
+        print(f"{PROG}: wrote agent config {args.agent_config} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def _params(args: argparse.Namespace) -> dict[str, str]:
+    params: dict[str, str] = {}
+
+    def add(name: str, value: str, option: str) -> None:
+        if not name:
+            raise CliError(f"{option}: expected NAME=VALUE")
+        if name in params:
+            raise CliError(f"parameter {name!r} given twice")
+        params[name] = value
+
+    for text in args.param:
+        name, sep, value = text.partition("=")
+        add(name if sep else "", value, f"--param {text!r}")
+    for text in args.param_file:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise CliError(f"--param-file {text!r}: expected NAME=PATH")
+        try:
+            data = Path(path).read_bytes().decode("utf-8")
+        except OSError as exc:
+            raise CliError(f"--param-file {text!r}: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise CliError(f"--param-file {text!r}: {path} is not UTF-8 text") from None
+        add(name, data, f"--param-file {text!r}")
+    return params
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    if bool(args.file) == bool(args.type):
+        raise CliError("give either a task document FILE.xml or --type (not both)")
+    if args.file and (args.param or args.param_file or args.timeout is not None):
+        raise CliError("--param, --param-file and --timeout go with --type, not a FILE.xml")
+    with TaskStore(args.db) as store:
+        if args.file:
+            try:
+                document = Path(args.file).read_bytes()
+            except OSError as exc:
+                raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
+            ids = store.queue_xml(args.client, document)
+        else:
+            ids = [store.queue_task(args.client, args.type, _params(args), args.timeout)]
+        for task_id in ids:
+            print(task_id)
+        sys.stdout.flush()
+        if args.tickle:
+            try:
+                answer = tickle_client(store, args.client)
+            except DsagentError as exc:
+                print(f"{PROG}: warning: {exc}; the agent will pull on its next poll",
+                      file=sys.stderr)
+            else:
+                print(f"{PROG}: tickle answered {answer}", file=sys.stderr)
+    return 0
+
+
+def cmd_tickle(args: argparse.Namespace) -> int:
+    if args.addr:
+        _hostport(args.addr, "--addr")
+    with TaskStore(args.db) as store:
+        answer = tickle_client(store, args.client, timeout=args.timeout, addr=args.addr)
+    print(answer)
+    return 0 if answer == "OK" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with TaskStore(args.db) as store:
+        if args.client and store.client(args.client) is None:
+            raise CliError(f"no such client: {args.client}")
+        history = store.history(client_id=args.client, task_id=args.task)
+    if args.task and not history:
+        raise CliError(f"no such task: {args.task}"
+                       + (f" for client {args.client}" if args.client else ""))
+    if args.json:
+        print(json.dumps(history, indent=2, ensure_ascii=False))
+    else:
+        clients = {task["client_id"] for task in history}
+        print(format_history(history, show_client=not args.client and len(clients) > 1))
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    with TaskStore(args.db) as store:
+        clients = store.clients()
+        for client in clients:
+            client.pop("token")
+            client.pop("tickle_key")
+            client["requests"] = store.request_counts(client["client_id"])
+    if args.json:
+        print(json.dumps(clients, indent=2, ensure_ascii=False))
+        return 0
+    header = ["CLIENT ID", "NAME", "TICKLE ADDR", "OS", "AGENT", "REGISTERED", "REQUESTS"]
+    rows = [[c["client_id"], c["name"] or "", c["tickle_addr"] or "-", c["os"] or "",
+             c["agent_version"] or "", c["registered_at"],
+             " ".join(f"{k}={v}" for k, v in c["requests"].items())] for c in clients]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not rows:
+        print("no clients")
+    return 0
+
+
+def _hostport(value: str, option: str, allow_zero: bool = False) -> tuple[str, int]:
+    if allow_zero and value.endswith(":0"):
+        host = value[:-2]
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host:
+            return host, 0
+    try:
+        return parse_hostport(value)
+    except DsagentError as exc:
+        raise CliError(f"{option}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The dsagent reference task server (PROTOCOL.md §3) and its tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--db", required=True, metavar="FILE", help="the server's SQLite database")
+        return p
+
+    p = command("serve", "serve the HTTP API until SIGTERM/SIGINT (prints the URL first)")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="address to listen on; port 0 picks a free one (default %(default)s)")
+    p.add_argument("--enrollment-key", metavar="K",
+                   help="key agents present to register (without it registration is refused)")
+    p.add_argument("--poll-interval", type=int, default=300, metavar="S",
+                   help="poll interval handed to registering agents (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = command("enroll", "create a client and print its credentials as `key = value` lines")
+    p.add_argument("--client-id", required=True, metavar="ID")
+    p.add_argument("--tickle", metavar="HOST:PORT", help="where the client's objecthost listens")
+    p.add_argument("--name", help="descriptive name (default: the client id)")
+    p.add_argument("--agent-config", metavar="FILE", help="also write an agent TOML config (0600)")
+    p.add_argument("--server-url", metavar="URL", help="[agent] server_url for --agent-config")
+    p.add_argument("--state-dir", metavar="DIR", help="[agent] state_dir for --agent-config")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra agent config setting, e.g. objecthost.listen=127.0.0.1:50122")
+    p.set_defaults(func=cmd_enroll)
+
+    p = command("queue", "queue tasks for a client and print their ids")
+    p.add_argument("--client", required=True, metavar="ID")
+    p.add_argument("file", nargs="?", metavar="FILE.xml",
+                   help="a <ClientTasks> document (or bare <Task> elements)")
+    p.add_argument("--type", metavar="T", help="task type of a single task")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--param-file", action="append", default=[], metavar="NAME=PATH",
+                   help="parameter whose value is a file's UTF-8 text, byte for byte")
+    p.add_argument("--timeout", type=int, metavar="S", help="task timeout in seconds")
+    p.add_argument("--tickle", action="store_true", help="tickle the client afterwards")
+    p.set_defaults(func=cmd_queue)
+
+    p = command("tickle", "send a signed tickle to a client's objecthost; print its answer")
+    p.add_argument("--client", required=True, metavar="ID")
+    p.add_argument("--addr", metavar="HOST:PORT", help="tickle this address instead")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    p.set_defaults(func=cmd_tickle)
+
+    p = command("status", "print each task's status history")
+    p.add_argument("--client", metavar="ID")
+    p.add_argument("--task", metavar="ID")
+    p.add_argument("--json", action="store_true", help="tasks with their events, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = command("clients", "list enrolled and registered clients")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_clients)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CliError, DsagentError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"{PROG}: error: database {args.db}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:       # e.g. the listen address is in use
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,647 @@
+"""The reference task server's state, in one SQLite file (PROTOCOL.md §3).
+
+Tables::
+
+    clients   client_id, token, tickle_key (hex), name, uuid, macs, ips, os,
+              agent_version, tickle_addr ("host:port" or NULL), registered_at
+    tasks     seq (queue order), task_id (UUID), client_id, type, params (JSON
+              object of strings, in order), timeout (or NULL), queued_at,
+              terminal_state (NULL while the task is pending)
+    events    event_id (PK), task_id, seq, state, progress, message,
+              details (JSON), at, received_at
+    request_counts  client_id, endpoint, count, last_at
+
+One connection per store, shared by all threads under a lock, in WAL mode, so
+a CLI process (``dsagent-server queue``) can write while a server process
+serves. Commits use ``synchronous=NORMAL`` by default: nothing is lost when a
+process is killed; pass ``synchronous="FULL"`` to survive power loss too.
+
+Status semantics: events are deduplicated on ``event_id``; ``accepted`` lists
+every event id that is stored after the call (new or duplicate); a malformed
+event, or one for a task of another client, is not accepted and the reason is
+logged; a task is no longer listed once a terminal event for it is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from agent.errors import DsagentError
+
+log = logging.getLogger("taskserver.store")
+
+STATES = ("received", "running", "progress", "succeeded", "failed", "cancelled", "timed_out")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "timed_out")
+EVENT_FIELDS = ("event_id", "task_id", "seq", "state", "progress", "message", "details", "at")
+ENDPOINTS = ("register", "tasks", "status")
+
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})"
+)
+# Characters XML 1.0 cannot carry at all, not even as character references.
+XML_INVALID_RE = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id     TEXT PRIMARY KEY,
+    token         TEXT NOT NULL,
+    tickle_key    TEXT NOT NULL,
+    name          TEXT,
+    uuid          TEXT,
+    macs          TEXT NOT NULL DEFAULT '[]',
+    ips           TEXT NOT NULL DEFAULT '[]',
+    os            TEXT,
+    agent_version TEXT,
+    tickle_addr   TEXT,
+    registered_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id        TEXT NOT NULL UNIQUE,
+    client_id      TEXT NOT NULL REFERENCES clients(client_id),
+    type           TEXT NOT NULL,
+    params         TEXT NOT NULL,
+    timeout        INTEGER,
+    queued_at      TEXT NOT NULL,
+    terminal_state TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_pending ON tasks(client_id, seq) WHERE terminal_state IS NULL;
+CREATE INDEX IF NOT EXISTS tasks_client ON tasks(client_id, seq);
+CREATE TABLE IF NOT EXISTS events (
+    event_id    TEXT PRIMARY KEY,
+    task_id     TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    progress    REAL,
+    message     TEXT,
+    details     TEXT,
+    at          TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_task ON events(task_id, seq);
+CREATE TABLE IF NOT EXISTS request_counts (
+    client_id TEXT NOT NULL,
+    endpoint  TEXT NOT NULL,
+    count     INTEGER NOT NULL,
+    last_at   TEXT NOT NULL,
+    PRIMARY KEY (client_id, endpoint)
+);
+"""
+
+
+class StoreError(DsagentError):
+    """Base of the task store's errors."""
+
+
+class UnknownClient(StoreError, LookupError):
+    """No client with that id is enrolled."""
+
+
+class InvalidRequest(StoreError, ValueError):
+    """Bad input (a bad task, parameter, document or registration request)."""
+
+
+class RegistrationRefused(StoreError):
+    """Registration refused: wrong enrollment key, or registration disabled."""
+
+
+def utc_now() -> str:
+    """Current time, RFC 3339 UTC with milliseconds."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def valid_client_id(client_id: Any) -> bool:
+    return (isinstance(client_id, str) and CLIENT_ID_RE.fullmatch(client_id) is not None
+            and client_id.strip(".") != "")   # "." and ".." cannot appear in a URL path
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); InvalidRequest if bad."""
+    host, sep, port = str(value).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidRequest(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def sanitize_client_id(name: Any) -> str:
+    """A client id ``[A-Za-z0-9._-]{1,64}`` derived from a machine name."""
+    text = name if isinstance(name, str) else ""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip())
+    text = re.sub(r"-{2,}", "-", text).strip("-")[:64].strip("-")
+    return text if valid_client_id(text) else "client"
+
+
+def _check_xml_text(value: str, what: str) -> None:
+    bad = XML_INVALID_RE.search(value)
+    if bad:
+        raise InvalidRequest(
+            f"{what} holds character U+{ord(bad.group()):04X} at offset {bad.start()}, "
+            "which XML 1.0 cannot carry")
+
+
+def _check_rfc3339(value: str) -> bool:
+    match = RFC3339_RE.fullmatch(value)
+    if not match:
+        return False
+    try:
+        datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    except ValueError:
+        return False
+    return True
+
+
+def _event_problem(event: Any) -> str | None:
+    """Why a status event is malformed, or None if it is well formed."""
+    if not isinstance(event, dict):
+        return f"an event must be a JSON object, got {type(event).__name__}"
+    missing = [name for name in EVENT_FIELDS if name not in event]
+    if missing:
+        return "missing field(s) " + ", ".join(missing)
+    event_id, task_id, seq, state = (event[k] for k in ("event_id", "task_id", "seq", "state"))
+    if not isinstance(event_id, str) or not UUID_RE.fullmatch(event_id):
+        return f"event_id must be a UUID string, got {event_id!r:.80}"
+    if not isinstance(task_id, str) or not task_id:
+        return f"task_id must be a non-empty string, got {task_id!r:.80}"
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq < 2**53:
+        return f"seq must be an integer from 1 to 2**53, got {seq!r:.40}"
+    if state not in STATES:
+        return f"state must be one of {', '.join(STATES)}; got {state!r:.40}"
+    progress = event["progress"]
+    if progress is not None:
+        if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+            return f"progress must be a number 0-100 or null, got {progress!r:.40}"
+        if not (math.isfinite(progress) and 0 <= progress <= 100):
+            return f"progress must be within 0-100, got {progress!r}"
+    if event["message"] is not None and not isinstance(event["message"], str):
+        return f"message must be a string, got {type(event['message']).__name__}"
+    if event["details"] is not None and not isinstance(event["details"], dict):
+        return f"details must be an object, got {type(event['details']).__name__}"
+    at = event["at"]
+    if not isinstance(at, str) or not _check_rfc3339(at):
+        return f"at must be an RFC 3339 timestamp, got {at!r:.60}"
+    return None
+
+
+def _check_task_fields(type_: Any, params: Any, timeout: Any, task_id: Any) -> tuple:
+    if not isinstance(type_, str) or not type_.strip():
+        raise InvalidRequest(f"task type must be a non-empty string, got {type_!r}")
+    _check_xml_text(type_, "task type")
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise InvalidRequest("task parameters must be a mapping of name -> string")
+    checked: dict[str, str] = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"parameter names must be non-empty strings, got {name!r}")
+        if not isinstance(value, str):
+            raise InvalidRequest(
+                f"parameter {name!r} must be a string, got {type(value).__name__}")
+        _check_xml_text(name, "parameter name")
+        _check_xml_text(value, f"parameter {name!r}")
+        checked[name] = value
+    if timeout is not None:
+        if isinstance(timeout, str) and timeout.strip().isdigit():
+            timeout = int(timeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+            raise InvalidRequest(f"timeout must be a whole number of seconds >= 1, got {timeout!r}")
+    if task_id is None:
+        task_id = str(uuid.uuid4())
+    elif not isinstance(task_id, str) or not UUID_RE.fullmatch(task_id):
+        raise InvalidRequest(f"task id must be a UUID, got {task_id!r}")
+    return type_, checked, timeout, task_id
+
+
+def _parse_task_document(xml_text: str | bytes) -> list[tuple]:
+    """``<ClientTasks>`` (or one or more bare ``<Task>`` elements) -> task tuples."""
+    def parse(text):
+        try:
+            return ET.fromstring(text)
+        except ET.ParseError as exc:
+            return exc
+    root = parse(xml_text)
+    if isinstance(root, ET.ParseError) and "junk after document element" in str(root):
+        text = xml_text.decode("utf-8") if isinstance(xml_text, bytes) else xml_text
+        text = re.sub(r"^\ufeff?\s*<\?xml[^>]*\?>", "", text)
+        wrapped = parse(f"<ClientTasks>{text}</ClientTasks>")
+        if not isinstance(wrapped, ET.ParseError):
+            root = wrapped
+    if isinstance(root, ET.ParseError):
+        raise InvalidRequest(f"task document is not well-formed XML: {root}")
+    if root.tag == "Task":
+        elements = [root]
+    elif root.tag == "ClientTasks":
+        elements = []
+        for child in root:
+            if child.tag != "Task":
+                raise InvalidRequest(f"unexpected element <{child.tag}> in <ClientTasks>")
+            elements.append(child)
+    else:
+        raise InvalidRequest(f"expected <ClientTasks> or <Task>, found <{root.tag}>")
+    tasks = []
+    for number, element in enumerate(elements, 1):
+        where = f"Task #{number}"
+        if element.get("id") is not None:
+            where += f" (id {element.get('id')!r})"
+        params: dict[str, str] = {}
+        for child in element:
+            if child.tag != "Parameters":
+                raise InvalidRequest(f"{where}: unexpected element <{child.tag}>")
+            for param in child:
+                if param.tag != "Parameter":
+                    raise InvalidRequest(f"{where}: unexpected element <{param.tag}> in <Parameters>")
+                name = param.get("name")
+                if not name:
+                    raise InvalidRequest(f"{where}: a <Parameter> has no name")
+                if len(param):
+                    raise InvalidRequest(
+                        f"{where}: parameter {name!r} contains element <{param[0].tag}>; "
+                        "wrap XML payloads in <![CDATA[...]]> or escape them")
+                if name in params:
+                    raise InvalidRequest(f"{where}: parameter {name!r} given twice")
+                params[name] = param.text or ""
+        try:
+            tasks.append(_check_task_fields(element.get("type"), params,
+                                            element.get("timeout"), element.get("id")))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{where}: {exc}") from None
+    return tasks
+
+
+class TaskStore:
+    """Clients, tasks and status events in SQLite; safe to share between threads."""
+
+    def __init__(self, db_path: str, *, synchronous: str = "NORMAL"):
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self.db_path = str(db_path)
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._conn = sqlite3.connect(self.db_path, isolation_level=None,
+                                     check_same_thread=False, timeout=10.0)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA busy_timeout = 10000")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            with self._write() as conn:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("PRAGMA user_version = 1")
+
+    # -- plumbing -----------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT) under the lock."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "TaskStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- clients ------------------------------------------------------------
+
+    def _insert_client(self, conn, client_id: str, *, tickle_addr=None, name=None, uuid_=None,
+                       macs=(), ips=(), os_=None, agent_version=None) -> dict:
+        token = secrets.token_urlsafe(32)
+        tickle_key = secrets.token_hex(32)
+        conn.execute(
+            "INSERT INTO clients (client_id, token, tickle_key, name, uuid, macs, ips, os,"
+            " agent_version, tickle_addr, registered_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (client_id, token, tickle_key, name, uuid_, json.dumps(list(macs)),
+             json.dumps(list(ips)), os_, agent_version, tickle_addr, utc_now()))
+        return {"client_id": client_id, "token": token, "tickle_key": tickle_key}
+
+    def enroll(self, client_id: str, tickle_addr: str | None = None,
+               name: str | None = None) -> dict:
+        """Create a client with a fresh token and tickle key; return them."""
+        if not valid_client_id(client_id):
+            raise InvalidRequest(f"client id must match [A-Za-z0-9._-]{{1,64}}, got {client_id!r}")
+        if tickle_addr is not None:
+            parse_hostport(tickle_addr)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone():
+                raise InvalidRequest(f"client {client_id!r} is already enrolled")
+            return self._insert_client(conn, client_id, tickle_addr=tickle_addr,
+                                       name=name or client_id)
+
+    def register(self, request_json: Any, enrollment_key: str | None) -> dict:
+        """§3 register: check the enrollment key, create a client named after the machine.
+
+        ``enrollment_key`` is the server's key; None (or "") disables registration.
+        Returns ``{client_id, token, tickle_key}``.
+        """
+        if not isinstance(request_json, dict):
+            raise InvalidRequest("register request must be a JSON object")
+        if not enrollment_key:
+            raise RegistrationRefused(
+                "registration is disabled (the server was started without an enrollment key)")
+        given = request_json.get("enrollment_key")
+        if not isinstance(given, str) or not secrets.compare_digest(
+                given.encode("utf-8"), enrollment_key.encode("utf-8")):
+            raise RegistrationRefused("wrong or missing enrollment key")
+        fields: dict[str, Any] = {}
+        for key in ("name", "uuid", "os", "agent_version"):
+            value = request_json.get(key)
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"register: {key} must be a string")
+            fields[key] = value
+        for key in ("macs", "ips"):
+            value = request_json.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidRequest(f"register: {key} must be a list of strings")
+            fields[key] = value
+        base = sanitize_client_id(fields["name"] or fields["uuid"] or "client")
+        with self._write() as conn:
+            client_id, n = base, 1
+            while conn.execute("SELECT 1 FROM clients WHERE client_id = ?",
+                               (client_id,)).fetchone():
+                n += 1
+                suffix = f"-{n}"
+                client_id = base[: 64 - len(suffix)] + suffix
+            result = self._insert_client(
+                conn, client_id, name=fields["name"], uuid_=fields["uuid"],
+                macs=fields["macs"], ips=fields["ips"], os_=fields["os"],
+                agent_version=fields["agent_version"])
+        log.info("registered client %s (name %r, uuid %r)", client_id, fields["name"],
+                 fields["uuid"])
+        return result
+
+    def set_tickle_addr(self, client_id: str, addr: str | None) -> None:
+        """Where the client's objecthost listens (``host:port``), or None."""
+        if addr is not None:
+            parse_hostport(addr)
+        with self._write() as conn:
+            cur = conn.execute("UPDATE clients SET tickle_addr = ? WHERE client_id = ?",
+                               (addr, client_id))
+            if cur.rowcount == 0:
+                raise UnknownClient(f"unknown client {client_id!r}")
+
+    def client(self, client_id: str) -> dict | None:
+        """One client's row as a dict (macs/ips decoded), or None."""
+        rows = self._read("SELECT * FROM clients WHERE client_id = ?", (client_id,))
+        return self._client_dict(rows[0]) if rows else None
+
+    def clients(self) -> list[dict]:
+        return [self._client_dict(r) for r in
+                self._read("SELECT * FROM clients ORDER BY registered_at, client_id")]
+
+    @staticmethod
+    def _client_dict(row: sqlite3.Row) -> dict:
+        data = dict(row)
+        data["macs"] = json.loads(data["macs"] or "[]")
+        data["ips"] = json.loads(data["ips"] or "[]")
+        return data
+
+    def auth(self, client_id: str, token: str | None) -> bool:
+        """True if ``token`` is ``client_id``'s token (constant-time compare)."""
+        if not token or not isinstance(client_id, str):
+            return False
+        rows = self._read("SELECT token FROM clients WHERE client_id = ?", (client_id,))
+        expected = rows[0]["token"] if rows else secrets.token_urlsafe(32)
+        return bool(rows) & secrets.compare_digest(token.encode("utf-8", "replace"),
+                                                   expected.encode("utf-8"))
+
+    # -- request counters ---------------------------------------------------
+
+    def count_request(self, client_id: str, endpoint: str) -> None:
+        """Count one request of a known client to ``endpoint`` (register/tasks/status)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO request_counts (client_id, endpoint, count, last_at) "
+                "SELECT ?, ?, 1, ? WHERE EXISTS (SELECT 1 FROM clients WHERE client_id = ?) "
+                "ON CONFLICT (client_id, endpoint) DO UPDATE SET count = count + 1, "
+                "last_at = excluded.last_at",
+                (client_id, endpoint, utc_now(), client_id))
+
+    def request_counts(self, client_id: str) -> dict[str, int]:
+        """Requests received from ``client_id`` so far, by endpoint (0 if none)."""
+        counts = dict.fromkeys(ENDPOINTS, 0)
+        for row in self._read("SELECT endpoint, count FROM request_counts WHERE client_id = ?",
+                              (client_id,)):
+            counts[row["endpoint"]] = row["count"]
+        return counts
+
+    def reset_request_counts(self, client_id: str | None = None) -> None:
+        with self._write() as conn:
+            if client_id is None:
+                conn.execute("DELETE FROM request_counts")
+            else:
+                conn.execute("DELETE FROM request_counts WHERE client_id = ?", (client_id,))
+
+    # -- tasks --------------------------------------------------------------
+
+    def _insert_tasks(self, client_id: str, tasks: list[tuple]) -> list[str]:
+        now = utc_now()
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?",
+                                (client_id,)).fetchone():
+                raise UnknownClient(f"unknown client {client_id!r}")
+            ids = []
+            for type_, params, timeout, task_id in tasks:
+                try:
+                    conn.execute(
+                        "INSERT INTO tasks (task_id, client_id, type, params, timeout, queued_at)"
+                        " VALUES (?,?,?,?,?,?)",
+                        (task_id, client_id, type_, json.dumps(params, ensure_ascii=False),
+                         timeout, now))
+                except sqlite3.IntegrityError:
+                    raise InvalidRequest(f"task id {task_id} is already queued") from None
+                ids.append(task_id)
+        return ids
+
+    def queue_task(self, client_id: str, type: str, params: Mapping[str, str] | None = None,
+                   timeout: int | None = None, task_id: str | None = None) -> str:
+        """Queue one task for ``client_id``; return its id (a new UUID unless given)."""
+        return self._insert_tasks(client_id, [_check_task_fields(type, params, timeout, task_id)])[0]
+
+    def queue_xml(self, client_id: str, xml_text: str | bytes) -> list[str]:
+        """Queue every ``<Task>`` of a §3 document (all or none); return their ids.
+
+        Accepts a ``<ClientTasks>`` document, or one or more bare ``<Task>``
+        elements. Given ids are kept; tasks without one get a new UUID.
+        """
+        return self._insert_tasks(client_id, _parse_task_document(xml_text))
+
+    @staticmethod
+    def _task_dict(row: sqlite3.Row) -> dict:
+        data = dict(row)
+        data["params"] = json.loads(data["params"])
+        return data
+
+    def pending_tasks(self, client_id: str) -> list[dict]:
+        """Tasks of ``client_id`` with no terminal event stored, oldest first.
+
+        Each: ``{task_id, type, params, timeout, queued_at}``.
+        """
+        rows = self._read(
+            "SELECT task_id, type, params, timeout, queued_at FROM tasks "
+            "WHERE client_id = ? AND terminal_state IS NULL ORDER BY seq", (client_id,))
+        return [self._task_dict(r) for r in rows]
+
+    def task(self, task_id: str) -> dict | None:
+        rows = self._read("SELECT task_id, client_id, type, params, timeout, queued_at, "
+                          "terminal_state FROM tasks WHERE task_id = ?", (task_id,))
+        return self._task_dict(rows[0]) if rows else None
+
+    # -- status events ------------------------------------------------------
+
+    def record_events(self, client_id: str, events: Iterable[Any]) -> list[str]:
+        """Store a §3 status batch from ``client_id``; return the accepted event ids."""
+        if not isinstance(events, list):
+            raise InvalidRequest("events must be a JSON array")
+        accepted: list[str] = []
+        now = utc_now()
+        with self._write() as conn:
+            for index, event in enumerate(events):
+                problem = _event_problem(event)
+                if problem is None:
+                    row = conn.execute("SELECT client_id FROM tasks WHERE task_id = ?",
+                                       (event["task_id"],)).fetchone()
+                    if row is None:
+                        problem = f"unknown task {event['task_id']}"
+                    elif row["client_id"] != client_id:
+                        problem = f"task {event['task_id']} does not belong to this client"
+                if problem is not None:
+                    eid = event.get("event_id") if isinstance(event, dict) else None
+                    log.warning("status from %s: event #%d (event_id %r) not accepted: %s",
+                                client_id, index, eid, problem)
+                    continue
+                details = event["details"]
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO events (event_id, task_id, seq, state, progress,"
+                    " message, details, at, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (event["event_id"], event["task_id"], event["seq"], event["state"],
+                     event["progress"], event["message"],
+                     None if details is None else json.dumps(details, ensure_ascii=False),
+                     event["at"], now))
+                if cur.rowcount == 0:
+                    stored = conn.execute("SELECT task_id, seq, state FROM events "
+                                          "WHERE event_id = ?", (event["event_id"],)).fetchone()
+                    if tuple(stored) != (event["task_id"], event["seq"], event["state"]):
+                        log.warning("status from %s: event_id %s resent with other content "
+                                    "(stored: task %s seq %s %s); keeping the stored one",
+                                    client_id, event["event_id"], *tuple(stored))
+                elif event["state"] in TERMINAL_STATES:
+                    conn.execute("UPDATE tasks SET terminal_state = ? WHERE task_id = ? "
+                                 "AND terminal_state IS NULL", (event["state"], event["task_id"]))
+                if event["event_id"] not in accepted:
+                    accepted.append(event["event_id"])
+            self._changed.notify_all()
+        return accepted
+
+    @staticmethod
+    def _event_dict(row: sqlite3.Row) -> dict:
+        data = dict(row)
+        if data["details"] is not None:
+            data["details"] = json.loads(data["details"])
+        if isinstance(data["progress"], float) and data["progress"].is_integer():
+            data["progress"] = int(data["progress"])
+        return data
+
+    def events(self, task_id: str) -> list[dict]:
+        """A task's stored events, in ``seq`` order."""
+        rows = self._read("SELECT * FROM events WHERE task_id = ? ORDER BY seq, received_at, "
+                          "rowid", (task_id,))
+        return [self._event_dict(r) for r in rows]
+
+    def history(self, client_id: str | None = None, task_id: str | None = None) -> list[dict]:
+        """Tasks (queue order) with their events.
+
+        Each: ``{task_id, client_id, type, params, timeout, queued_at,
+        state, events: [...]}``, where ``state`` is the latest event's state,
+        the terminal one once stored, or ``"queued"`` before any event.
+        """
+        where, args = [], []
+        if client_id is not None:
+            where.append("t.client_id = ?")
+            args.append(client_id)
+        if task_id is not None:
+            where.append("t.task_id = ?")
+            args.append(task_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        with self._lock:
+            tasks = self._read(
+                "SELECT task_id, client_id, type, params, timeout, queued_at, terminal_state "
+                f"FROM tasks t {clause} ORDER BY t.seq", tuple(args))
+            events = self._read(
+                "SELECT e.* FROM events e JOIN tasks t ON t.task_id = e.task_id "
+                f"{clause} ORDER BY t.seq, e.seq, e.received_at, e.rowid", tuple(args))
+        by_task: dict[str, list[dict]] = {}
+        for row in events:
+            by_task.setdefault(row["task_id"], []).append(self._event_dict(row))
+        result = []
+        for row in tasks:
+            data = self._task_dict(row)
+            data["events"] = by_task.get(data["task_id"], [])
+            terminal = data.pop("terminal_state")
+            data["state"] = terminal or (data["events"][-1]["state"] if data["events"]
+                                         else "queued")
+            result.append(data)
+        return result
+
+    def is_terminal(self, task_id: str) -> bool:
+        rows = self._read("SELECT terminal_state FROM tasks WHERE task_id = ?", (task_id,))
+        return bool(rows and rows[0]["terminal_state"])
+
+    def wait_terminal(self, task_ids: Iterable[str], timeout: float) -> bool:
+        """Wait until every task has a terminal event stored; False on timeout.
+
+        Wakes at once on events recorded through this store and polls every
+        50 ms for writes by other processes.
+        """
+        remaining = list(dict.fromkeys(task_ids))
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if remaining:
+                    marks = ",".join("?" * len(remaining))
+                    done = {r["task_id"] for r in self._read(
+                        f"SELECT task_id FROM tasks WHERE task_id IN ({marks}) "
+                        "AND terminal_state IS NOT NULL", tuple(remaining))}
+                    remaining = [t for t in remaining if t not in done]
+                if not remaining:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(min(left, 0.05))

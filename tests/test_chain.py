@@ -1,0 +1,235 @@
+"""End to end over real sockets and processes: reference task server +
+`dsagent run` (objecthost, CTA, ctdataloader) on loopback ports."""
+
+import signal
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent.events import TERMINAL
+from taskserver.loopback import LoopbackChain, free_port
+
+
+@pytest.fixture
+def make_chain(tmp_path):
+    chains = []
+
+    def make(**kwargs):
+        chain = LoopbackChain(tmp_path / f"chain{len(chains)}", **kwargs)
+        chains.append(chain)
+        return chain.start()
+
+    yield make
+    for chain in chains:
+        chain.stop()
+
+
+def assert_clean_history(chain, task_id):
+    """Seqs 1..n without gaps or repeats, in order, exactly one terminal, last."""
+    events = chain.events(task_id)
+    states = [e["state"] for e in events]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), events
+    assert states[0] == "received", states
+    assert sum(s in TERMINAL for s in states) == 1 and states[-1] in TERMINAL, states
+    if states[1:-1]:
+        assert states[1] == "running" and set(states[2:-1]) <= {"progress"}, states
+    return states
+
+
+def script_ran(path, task_id):
+    return path.read_text().split().count(task_id) if path.exists() else 0
+
+
+def test_queue_tickle_statuses_in_order(make_chain):
+    chain = make_chain()
+    ok = chain.queue("RunScript", {"script": "echo hello"})
+    third_party = chain.queue("Example.Echo", {"text": "dsagent"})
+    unknown = chain.queue("NoSuchType", {"x": "1"})
+    bad = chain.queue("RunScript", {"script": ""})
+    assert chain.tickle() == "OK"
+    assert chain.wait([ok, third_party, unknown, bad], 30)
+    assert assert_clean_history(chain, ok) == ["received", "running", "succeeded"]
+    assert chain.events(ok)[-1]["details"]["stdout_tail"] == "hello\n"
+    assert assert_clean_history(chain, third_party) == ["received", "running", "progress", "succeeded"]
+    assert chain.events(third_party)[-1]["details"] == {"reversed": "tnegasd"}
+    assert assert_clean_history(chain, unknown) == ["received", "failed"]
+    assert "unknown task type 'NoSuchType'" in chain.events(unknown)[-1]["message"]
+    assert assert_clean_history(chain, bad) == ["received", "failed"]
+    assert "'script' is missing or empty" in chain.events(bad)[-1]["message"]
+    log = chain.log_path.read_text()
+    assert f"task={ok}" in log  # support staff can follow one task in the log
+
+
+def test_lost_tickle_is_covered_by_the_poll(make_chain):
+    chain = make_chain(poll_interval_s=1)
+    time.sleep(0.3)  # let the startup pull pass
+    task = chain.queue("RunScript", {"script": "true"})  # no tickle
+    assert chain.wait([task], 15)
+    assert assert_clean_history(chain, task)[-1] == "succeeded"
+
+
+def test_redelivered_task_never_runs_twice(make_chain, tmp_path):
+    chain = make_chain(max_concurrent_tasks=1)
+    ran = tmp_path / "ran.txt"
+    slow = chain.queue("RunScript", {"script": f"sleep 1; echo $DSAGENT_TASK_ID >> {ran}"})
+    assert chain.tickle() == "OK"
+    for _ in range(5):  # listed again on every pull while it runs
+        time.sleep(0.2)
+        assert chain.tickle() == "OK"
+    assert chain.wait([slow], 20)
+    first = chain.events(slow)
+    # the server "loses" the terminal status and lists the task again
+    with sqlite3.connect(chain.workdir / "server.db") as db:
+        db.execute("DELETE FROM events WHERE task_id=? AND state IN "
+                   "('succeeded','failed','cancelled','timed_out')", (slow,))
+        db.execute("UPDATE tasks SET terminal_state=NULL WHERE task_id=?", (slow,))
+    assert not chain.store.is_terminal(slow)
+    assert chain.tickle() == "OK"
+    assert chain.wait([slow], 20)
+    again = chain.events(slow)
+    assert again[-1]["event_id"] == first[-1]["event_id"]  # the original terminal event
+    assert script_ran(ran, slow) == 1
+    assert_clean_history(chain, slow)
+
+
+def _kill_mid_run(chain, tmp_path, victim):
+    ran = tmp_path / "ran.txt"
+    tasks = [chain.queue("RunScript", {"script": f"sleep 0.3; echo $DSAGENT_TASK_ID >> {ran}"})
+             for _ in range(12)]
+    assert chain.tickle() == "OK"
+    deadline = time.monotonic() + 20
+    while sum(chain.store.is_terminal(t) for t in tasks) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc = chain.child(victim)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(5)
+    # the supervisor restarts it; a tickle (or the startup pull) resumes work
+    deadline = time.monotonic() + 20
+    while (chain.child(victim) is None or chain.child(victim).pid == proc.pid) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    chain.tickle()
+    assert chain.wait(tasks, 60), [chain.events(t)[-1:] for t in tasks]
+    finals = []
+    for task in tasks:
+        finals.append(assert_clean_history(chain, task)[-1])
+        assert script_ran(ran, task) <= 1
+    return tasks, finals, ran
+
+
+def test_cta_sigkill_mid_run_loses_and_duplicates_nothing(make_chain, tmp_path):
+    chain = make_chain(max_concurrent_tasks=2)
+    tasks, finals, ran = _kill_mid_run(chain, tmp_path, "cta")
+    # tasks interrupted while running are failed (never re-run); the rest succeed
+    assert finals.count("failed") <= 2
+    for task, final in zip(tasks, finals):
+        if final == "failed":
+            assert "interrupted" in chain.events(task)[-1]["message"]
+        else:
+            assert final == "succeeded" and script_ran(ran, task) == 1
+    assert "cta killed by signal 9; restarting" in chain.log_path.read_text()
+
+
+def test_ctdataloader_sigkill_loses_and_duplicates_nothing(make_chain, tmp_path):
+    chain = make_chain(max_concurrent_tasks=2)
+    tasks, finals, ran = _kill_mid_run(chain, tmp_path, "ctdataloader")
+    assert finals == ["succeeded"] * len(tasks)
+    assert all(script_ran(ran, t) == 1 for t in tasks)
+
+
+def test_objecthost_restart_keeps_serving_tickles(make_chain):
+    chain = make_chain()
+    old = chain.child("objecthost")
+    old.send_signal(signal.SIGKILL)
+    old.wait(5)
+    deadline = time.monotonic() + 15
+    answer = None
+    while time.monotonic() < deadline:
+        try:
+            answer = chain.tickle()
+            break
+        except Exception:
+            time.sleep(0.2)
+    assert answer == "OK"
+    task = chain.queue("RunScript", {"script": "true"})
+    chain.tickle()
+    assert chain.wait([task], 15)
+
+
+def test_server_outage_then_everything_arrives(make_chain):
+    chain = make_chain()
+    port = chain.server.port
+    chain.stop_server()
+    task = chain.store.queue_task(chain.client_id, "RunScript", {"script": "true"})
+    time.sleep(2)  # pulls and uploads fail meanwhile
+    chain.start_server(port=port)
+    chain.tickle()
+    assert chain.wait([task], 60)
+    assert assert_clean_history(chain, task)[-1] == "succeeded"
+
+
+class _ScriptedServer(BaseHTTPRequestHandler):
+    """A task server peer that first answers a malformed document."""
+
+    protocol_version = "HTTP/1.1"
+    answers: list = []
+    posted: list = []
+    gets = 0
+
+    def do_GET(self):
+        cls = type(self)
+        cls.gets += 1
+        body = cls.answers[min(cls.gets - 1, len(cls.answers) - 1)]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        import json
+        data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).posted.extend(data["events"])
+        body = json.dumps({"accepted": [e["event_id"] for e in data["events"]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_malformed_document_is_logged_and_pull_retried(tmp_path):
+    good_id = "0b8e8c5e-3f7a-4f63-9d8f-2a61c1e0e4a1"
+    _ScriptedServer.answers = [
+        b"<ClientTasks><Task id='x'",  # truncated: not well-formed
+        f'<ClientTasks client="demo-pc"><Task id="{good_id}" type="RunScript"><Parameters>'
+        '<Parameter name="script">true</Parameter></Parameters></Task></ClientTasks>'.encode()]
+    _ScriptedServer.posted, _ScriptedServer.gets = [], 0
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    chain = LoopbackChain(tmp_path / "c")
+    chain.start_server()
+    chain.creds = chain.store.enroll(chain.client_id, tickle_addr=f"127.0.0.1:{chain.objecthost_port}")
+    chain.server_url = f"http://127.0.0.1:{httpd.server_address[1]}"  # point the agent at the peer
+    try:
+        chain.start_agent()
+        deadline = time.monotonic() + 20
+        while not any(e["state"] in TERMINAL for e in _ScriptedServer.posted) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        states = [e["state"] for e in _ScriptedServer.posted if e["task_id"] == good_id]
+        assert states == ["received", "running", "succeeded"]
+        assert _ScriptedServer.gets >= 2
+        assert "pull failed: not well-formed XML" in chain.log_path.read_text()
+        assert chain.child("cta").is_running()
+    finally:
+        chain.stop_agent()
+        chain.stop_server()
+        httpd.shutdown()
