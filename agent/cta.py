@@ -80,7 +80,8 @@ class CTA:
         self.pool = WorkerPool(self.max_tasks)
         self.executor = ThreadPoolExecutor(self.max_tasks, thread_name_prefix="task")
         self.hop_key = load_hop_key(config.state_dir, create=True)
-        self.stopping = threading.Event()
+        self.draining = threading.Event()   # start no new task
+        self.stopping = threading.Event()   # cancel running tasks
         self.wake_event = threading.Event()
         self.running: dict[str, Any] = {}
         self._retry_at = 0.0
@@ -229,13 +230,14 @@ class CTA:
 
     def _submit(self, task: Task) -> None:
         future = self.executor.submit(execute, task, self.pool, self.recorder,
-                                      self.config.handlers, self.stopping)
+                                      self.config.handlers, self.draining, self.stopping)
         self.running[task.id] = future
         future.add_done_callback(lambda _f, tid=task.id: self.running.pop(tid, None))
 
     # ---- shutdown --------------------------------------------------------
     def shutdown(self) -> None:
-        log.info("CTA shutting down; %d task(s) in flight", len(self.running))
+        log.info("CTA shutting down; %d task(s) running or queued", len(self.running))
+        self.draining.set()
         if self.scheduler:
             self.scheduler.shutdown(wait=False)
         if self.listener:

@@ -29,14 +29,16 @@ class Recorder(Protocol):
 
 
 def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: dict[str, Any],
-            stop: threading.Event | None = None) -> str:
+            drain: threading.Event | None = None, stop: threading.Event | None = None) -> str:
     """Run ``task`` (already ``received``) to a terminal state; return that state.
 
-    If ``stop`` is set before the handler starts, the task is left ``received``
-    (a restarted CTA runs it) and "received" is returned.
+    If ``drain`` is set before the handler starts, the task is left
+    ``received`` (a restarted CTA runs it) and "received" is returned; if
+    ``stop`` is set while it runs, it is cancelled.
     """
+    drain = drain or threading.Event()
     stop = stop or threading.Event()
-    if stop.is_set():
+    if drain.is_set():
         return "received"
     with task_context(task.id):
         try:
@@ -44,7 +46,7 @@ def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: di
         except (WorkerDied, OSError) as exc:
             return _finish(recorder, task, "failed", f"could not start a worker process: {exc}")
         try:
-            state = _converse(task, worker, recorder, handler_config, stop)
+            state = _converse(task, worker, recorder, handler_config, drain, stop)
         except WorkerDied as exc:
             pool.discard(worker)
             phase = "running" if worker.running else "validating"
@@ -68,7 +70,7 @@ def _finish(recorder: Recorder, task: Task, state: str, message: str,
 
 
 def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, Any],
-              stop: threading.Event) -> str:
+              drain: threading.Event, stop: threading.Event) -> str:
     worker.running = worker.dirty = False
     worker.send({"op": "task", "task": task.to_json(), "config": handler_config})
     answer = worker.recv(VALIDATE_TIMEOUT_S)
@@ -80,7 +82,7 @@ def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, 
         return _finish(recorder, task, "failed", str(answer.get("message", "invalid task")))
     if answer["op"] != "valid":
         raise WorkerDied(f"worker {worker.pid} answered {answer['op']!r} to a task")
-    if stop.is_set():
+    if drain.is_set():
         worker.send({"op": "skip"})
         log.info("agent stopping; task %s left for the next start", task.id)
         return "received"

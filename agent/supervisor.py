@@ -117,14 +117,15 @@ class Supervisor:
         return 0
 
     def shutdown(self) -> None:
-        live = [c for c in self.children if c.proc and c.proc.poll() is None]
-        log.info("stopping %s", ", ".join(c.name for c in live) or "nothing")
-        for child in live:
+        """Stop in chain order: no more tickles, then the CTA drains its tasks,
+        then the uploader (which has been sending their final events)."""
+        for child in self.children:
+            if not child.proc or child.proc.poll() is not None:
+                continue
+            log.info("stopping %s", child.name)
             child.proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in live:
             try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                child.proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 log.error("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
                 child.proc.kill()

@@ -81,6 +81,12 @@ class Uploader:
             if self.outbox.depth()[0]:
                 continue
             self.listener.wait(SAFETY_NET_S)
+        if self.backoff == 0.0:  # server reachable: send what the CTA's shutdown recorded
+            try:
+                while self.upload_once():
+                    pass
+            except (ServerError, OSError) as exc:
+                log.warning("final upload failed (%s); events stay in the outbox", exc)
 
     def close(self) -> None:
         self.api.close()

@@ -233,3 +233,15 @@ def test_malformed_document_is_logged_and_pull_retried(tmp_path):
         chain.stop_agent()
         chain.stop_server()
         httpd.shutdown()
+
+
+def test_sigterm_drains_running_task_and_uploads_its_end(make_chain):
+    chain = make_chain()
+    task = chain.queue("RunScript", {"script": "sleep 1.5"})
+    chain.tickle()
+    deadline = time.monotonic() + 10
+    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [e["state"] for e in chain.events(task)] == ["received", "running"]
+    assert chain.stop_agent() == 0
+    assert assert_clean_history(chain, task)[-1] == "succeeded"
