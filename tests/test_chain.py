@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent.events import TERMINAL
-from taskserver.loopback import LoopbackChain, free_port
+from taskserver.loopback import LoopbackChain
 
 
 @pytest.fixture

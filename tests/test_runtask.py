@@ -5,7 +5,6 @@ whole process tree, a crashing handler contained, and the --json event format.
 """
 
 import json
-import os
 import subprocess
 import sys
 import uuid

@@ -1,0 +1,5 @@
+"""``python -m objecthost --config FILE``."""
+
+from .server import main
+
+raise SystemExit(main())
