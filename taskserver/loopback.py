@@ -6,6 +6,7 @@ all three exercise real TCP, real HTTP and real processes on loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,13 +45,16 @@ class LoopbackChain:
 
     def __init__(self, workdir: str | os.PathLike, *, client_id: str = "demo-pc",
                  poll_interval_s: int = 300, max_concurrent_tasks: int = 2,
-                 handlers: dict[str, Any] | None = None):
+                 handlers: dict[str, Any] | None = None, enrollment_key: str | None = None):
+        """With ``enrollment_key`` the agent is not enrolled in advance: it
+        registers itself through POST /api/v1/register at start."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_id = client_id
         self.poll_interval_s = poll_interval_s
         self.max_concurrent_tasks = max_concurrent_tasks
         self.handlers = handlers or {}
+        self.enrollment_key = enrollment_key
         self.store = TaskStore(str(self.workdir / "server.db"))
         self.server: TaskServer | None = None
         self.agent: subprocess.Popen | None = None
@@ -63,7 +67,8 @@ class LoopbackChain:
 
     # ---- server ------------------------------------------------------------
     def start_server(self, port: int = 0) -> None:
-        self.server = TaskServer(self.store, host="127.0.0.1", port=port)
+        self.server = TaskServer(self.store, host="127.0.0.1", port=port,
+                                 enrollment_key=self.enrollment_key)
         self.server.start()
 
     def stop_server(self) -> None:
@@ -73,16 +78,20 @@ class LoopbackChain:
 
     # ---- agent ---------------------------------------------------------------
     def write_config(self) -> None:
-        if not self.creds:
-            self.creds = self.store.enroll(self.client_id,
-                                           tickle_addr=f"127.0.0.1:{self.objecthost_port}")
+        if self.enrollment_key:
+            identity = f'enrollment_key = "{self.enrollment_key}"\n'
+        else:
+            if not self.creds:
+                self.creds = self.store.enroll(self.client_id,
+                                               tickle_addr=f"127.0.0.1:{self.objecthost_port}")
+            identity = (f'client_id = "{self.creds["client_id"]}"\n'
+                        f'token = "{self.creds["token"]}"\n'
+                        f'tickle_key = "{self.creds["tickle_key"]}"\n')
         handlers = "".join(f'{key} = {_toml(value)}\n' for key, value in self.handlers.items())
         text = (
             "[agent]\n"
             f'server_url = "{self.server_url or self.server.url}"\n'
-            f'client_id = "{self.creds["client_id"]}"\n'
-            f'token = "{self.creds["token"]}"\n'
-            f'tickle_key = "{self.creds["tickle_key"]}"\n'
+            f"{identity}"
             f'state_dir = "{self.workdir / "state"}"\n\n'
             "[objecthost]\n"
             f'listen = "127.0.0.1:{self.objecthost_port}"\n\n'
@@ -105,6 +114,10 @@ class LoopbackChain:
         log.close()
         if not (wait_port(self.objecthost_port, timeout) and wait_port(self.cta_port, timeout)):
             raise RuntimeError(f"agent did not start within {timeout} s; see {self.log_path}")
+        if self.enrollment_key:  # learn who the agent registered as, and where to tickle it
+            creds = json.loads((self.workdir / "state" / "credentials.json").read_text())
+            self.client_id = creds["client_id"]
+            self.store.set_tickle_addr(self.client_id, f"127.0.0.1:{self.objecthost_port}")
 
     def stop_agent(self, timeout: float = 30.0) -> int | None:
         if self.agent is None:

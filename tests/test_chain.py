@@ -205,9 +205,10 @@ class _ScriptedServer(BaseHTTPRequestHandler):
         pass
 
 
-def test_malformed_document_is_logged_and_pull_retried(tmp_path):
+def test_oversize_and_malformed_documents_are_logged_and_pull_retried(tmp_path):
     good_id = "0b8e8c5e-3f7a-4f63-9d8f-2a61c1e0e4a1"
     _ScriptedServer.answers = [
+        b"<ClientTasks>" + b" " * (17 * 1024 * 1024) + b"</ClientTasks>",  # over the limit
         b"<ClientTasks><Task id='x'",  # truncated: not well-formed
         f'<ClientTasks client="demo-pc"><Task id="{good_id}" type="RunScript"><Parameters>'
         '<Parameter name="script">true</Parameter></Parameters></Task></ClientTasks>'.encode()]
@@ -226,8 +227,10 @@ def test_malformed_document_is_logged_and_pull_retried(tmp_path):
             time.sleep(0.1)
         states = [e["state"] for e in _ScriptedServer.posted if e["task_id"] == good_id]
         assert states == ["received", "running", "succeeded"]
-        assert _ScriptedServer.gets >= 2
-        assert "pull failed: not well-formed XML" in chain.log_path.read_text()
+        assert _ScriptedServer.gets >= 3
+        log = chain.log_path.read_text()
+        assert "pull failed: GET" in log and "larger than 16777216 bytes" in log
+        assert "pull failed: not well-formed XML" in log
         assert chain.child("cta").is_running()
     finally:
         chain.stop_agent()
@@ -245,3 +248,26 @@ def test_sigterm_drains_running_task_and_uploads_its_end(make_chain):
     assert [e["state"] for e in chain.events(task)] == ["received", "running"]
     assert chain.stop_agent() == 0
     assert assert_clean_history(chain, task)[-1] == "succeeded"
+
+
+def test_agent_without_token_registers_then_runs_tasks(make_chain):
+    chain = make_chain(enrollment_key="site-secret")
+    state = chain.workdir / "state"
+    assert (state / "credentials.json").stat().st_mode & 0o777 == 0o600
+    assert chain.store.client(chain.client_id) is not None
+    task = chain.queue("RunScript", {"script": "true"})
+    assert chain.tickle() == "OK"
+    assert chain.wait([task], 20)
+    assert "registered as" in chain.log_path.read_text()
+
+
+def test_bad_config_stops_the_start_naming_the_key(tmp_path):
+    import subprocess
+    import sys
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nserver_url = "http://127.0.0.1:1"\nstate_dir = "/tmp/x"\n'
+                      "[cta]\npoll_interval = 5\n")
+    result = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{config}: unknown key 'poll_interval' in [cta]" in result.stderr
