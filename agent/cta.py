@@ -34,7 +34,7 @@ from .logsetup import setup_logging, task_context
 from .notify import Notifier
 from .runner import execute
 from .serverapi import ServerAPI, is_loopback_host
-from .statedb import AgentDB, db_path
+from .statedb import AgentDB, Change, db_path
 from .taskxml import parse_client_tasks
 from .tasks import Task
 from .tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
@@ -202,20 +202,21 @@ class CTA:
         document = parse_client_tasks(self.api.get_tasks(), self.client_id)
         for message in document.skipped:
             log.warning("task document: %s", message)
+        changes: list[Change] = []
         for bad in document.rejected:
-            if self._known(bad.task_id):
-                continue
-            task = Task(bad.task_id, bad.type or "?", {})
-            with task_context(task.id):
-                log.error("task %s refused: %s", task.id, bad.message)
-                self.recorder.record(task, "received")
-                self.recorder.record(task, "failed", message=bad.message)
-        for task in document.tasks:
-            if self._known(task.id):
-                continue
-            with task_context(task.id):
-                log.info("task %s (%s) received", task.id, task.type)
-                self.recorder.record(task, "received")
+            if not self._known(bad.task_id):
+                log.error("task %s refused: %s", bad.task_id, bad.message,
+                          extra={"task_id": bad.task_id})
+                changes += [Change(bad.task_id, "received", bad.type or "?"),
+                            Change(bad.task_id, "failed", message=bad.message)]
+        new = [task for task in document.tasks if not self._known(task.id)]
+        for task in new:
+            log.info("task %s (%s) received", task.id, task.type, extra={"task_id": task.id})
+            changes.append(Change(task.id, "received", task.type, task))
+        if changes:
+            self.db.record_many(changes)  # one fsync for the whole pull
+            self.notifier.notify()
+        for task in new:
             self._submit(task)
 
     def _known(self, task_id: str) -> bool:

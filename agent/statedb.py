@@ -19,10 +19,11 @@ import json
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import TERMINAL, check_transition, make_event
+from .events import TERMINAL, TransitionError, check_transition, make_event
 from .tasks import Task
 
 SCHEMA = """
@@ -60,13 +61,36 @@ def db_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / "dsagent.db"
 
 
+@dataclass
+class Change:
+    """One status event to record (see AgentDB.record)."""
+
+    task_id: str
+    state: str
+    type_name: str = ""
+    task: Task | None = None
+    progress: float | None = None
+    message: str = ""
+    details: dict[str, Any] | None = None
+    event: dict[str, Any] | None = None       # set once committed
+    error: BaseException | None = None
+    done: bool = False
+
+
 class AgentDB:
-    """The CTA's side of the state DB (thread-safe: one connection, one lock)."""
+    """The CTA's side of the state DB, safe to use from many threads.
+
+    Writes use group commit: changes queued by threads that arrive while a
+    commit is in flight are committed together by the next one, so N threads
+    finishing at once pay one fsync, not N.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._conn = connect(self.path)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # the connection; held by the committer
+        self._pending: list[Change] = []
+        self._pending_lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
@@ -80,36 +104,68 @@ class AgentDB:
         ``received`` creates the task's row (``task`` is kept so a task that
         was queued but never started can be resumed after a restart).
         """
+        [change] = self.record_many([Change(task_id, state, type_name, task, progress,
+                                            message, details)])
+        return change.event
+
+    def record_many(self, changes: list[Change]) -> list[Change]:
+        """Record several events durably, in order; raise the first error."""
+        with self._pending_lock:
+            self._pending.extend(changes)
         with self._lock:
-            conn = self._conn
+            if not all(c.done for c in changes):
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit(batch)
+        for change in changes:
+            if change.error is not None:
+                raise change.error
+        return changes
+
+    def _commit(self, batch: list[Change]) -> None:
+        conn = self._conn
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT state, next_seq FROM tasks WHERE task_id=?",
-                                   (task_id,)).fetchone()
-                previous, seq = (row[0], row[1]) if row else (None, 1)
-                check_transition(previous, state)
-                event = make_event(task_id, seq, state, progress, message, details)
-                body = json.dumps(event, separators=(",", ":"))
-                now = time.time()
-                conn.execute("INSERT INTO outbox(event_id, task_id, body, created_at) "
-                             "VALUES (?,?,?,?)", (event["event_id"], task_id, body, now))
-                terminal = body if state in TERMINAL else None
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO tasks(task_id, type, task_json, state, next_seq, "
-                        "terminal_event, updated_at) VALUES (?,?,?,?,?,?,?)",
-                        (task_id, type_name or (task.type if task else ""),
-                         json.dumps(task.to_json()) if task else None, state, seq + 1,
-                         terminal, now))
-                else:
-                    conn.execute("UPDATE tasks SET state=?, next_seq=?, updated_at=?, "
-                                 "terminal_event=COALESCE(?, terminal_event) WHERE task_id=?",
-                                 (state, seq + 1, now, terminal, task_id))
-                conn.execute("COMMIT")
-            except BaseException:
+            for change in batch:
+                try:
+                    self._apply(conn, change)
+                except TransitionError as exc:  # a bug in the caller, not the batch's fault
+                    change.error = exc
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
                 conn.execute("ROLLBACK")
-                raise
-        return event
+            for change in batch:
+                change.event, change.error = None, change.error or exc
+        finally:
+            for change in batch:
+                change.done = True
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, change: Change) -> None:
+        task_id, state = change.task_id, change.state
+        row = conn.execute("SELECT state, next_seq FROM tasks WHERE task_id=?",
+                           (task_id,)).fetchone()
+        previous, seq = (row[0], row[1]) if row else (None, 1)
+        check_transition(previous, state)
+        event = make_event(task_id, seq, state, change.progress, change.message, change.details)
+        body = json.dumps(event, separators=(",", ":"))
+        now = time.time()
+        conn.execute("INSERT INTO outbox(event_id, task_id, body, created_at) VALUES (?,?,?,?)",
+                     (event["event_id"], task_id, body, now))
+        terminal = body if state in TERMINAL else None
+        if row is None:
+            task = change.task
+            conn.execute(
+                "INSERT INTO tasks(task_id, type, task_json, state, next_seq, terminal_event, "
+                "updated_at) VALUES (?,?,?,?,?,?,?)",
+                (task_id, change.type_name or (task.type if task else ""),
+                 json.dumps(task.to_json()) if task else None, state, seq + 1, terminal, now))
+        else:
+            conn.execute("UPDATE tasks SET state=?, next_seq=?, updated_at=?, "
+                         "terminal_event=COALESCE(?, terminal_event) WHERE task_id=?",
+                         (state, seq + 1, now, terminal, task_id))
+        change.event = event
 
     def state_of(self, task_id: str) -> str | None:
         with self._lock:
