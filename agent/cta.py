@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import selectors
 import signal
 import socket
 import sys
@@ -35,7 +36,7 @@ from .notify import Notifier
 from .runner import execute
 from .serverapi import ServerAPI, is_loopback_host
 from .statedb import AgentDB, Change, db_path
-from .taskxml import parse_client_tasks
+from .taskxml import MAX_DOCUMENT_BYTES, parse_client_tasks
 from .tasks import Task
 from .tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
 from .workerpool import WorkerPool
@@ -135,44 +136,72 @@ class CTA:
         self.wake_event.set()
 
     def _accept_wakeups(self) -> None:
+        """Serve wake-up connections in this one thread (no thread per connection).
+
+        Each connection may send one line within 2 s; at most 64 are open at once.
+        """
         cache = ReplayCache()
-        slots = threading.BoundedSemaphore(16)
+        sel = selectors.DefaultSelector()
+        self.listener.setblocking(False)
+        sel.register(self.listener, selectors.EVENT_READ)
+        pending: dict[socket.socket, tuple[bytearray, float]] = {}
         while not self.stopping.is_set():
             try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            if not is_loopback_host(peer[0]) or not slots.acquire(blocking=False):
-                conn.close()
-                continue
-            threading.Thread(target=self._serve_wakeup, args=(conn, cache, slots),
-                             daemon=True).start()
+                ready = sel.select(timeout=1.0 if pending else None)
+            except (OSError, ValueError):
+                return  # listener closed at shutdown
+            for key, _ in ready:
+                if key.fileobj is self.listener:
+                    self._accept_one(sel, pending)
+                else:
+                    self._read_wakeup(key.fileobj, sel, pending, cache)
+            now = time.monotonic()
+            for conn in [c for c, (_, deadline) in pending.items() if deadline < now]:
+                self._close_wakeup(conn, sel, pending)
 
-    def _serve_wakeup(self, conn: socket.socket, cache: ReplayCache,
-                      slots: threading.BoundedSemaphore) -> None:
+    def _accept_one(self, sel, pending) -> None:
         try:
-            conn.settimeout(2.0)
-            data = b""
-            while not data.endswith(b"\n") and len(data) <= MAX_LINE:
-                chunk = conn.recv(MAX_LINE + 1 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            if not data:
-                return  # a port probe: nothing to answer
+            conn, peer = self.listener.accept()
+        except OSError:
+            return
+        if not is_loopback_host(peer[0]) or len(pending) >= 64:
+            conn.close()
+            return
+        conn.setblocking(False)
+        sel.register(conn, selectors.EVENT_READ)
+        pending[conn] = (bytearray(), time.monotonic() + 2.0)
+
+    def _read_wakeup(self, conn, sel, pending, cache: ReplayCache) -> None:
+        data = pending[conn][0]
+        try:
+            chunk = conn.recv(MAX_LINE + 1 - len(data))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        data += chunk
+        if chunk and not data.endswith(b"\n") and len(data) <= MAX_LINE:
+            return  # wait for the rest of the line
+        answer = b""
+        if data:  # an empty connection is a port probe: nothing to answer
             try:
-                check_wake(data, self.hop_key, cache)
+                check_wake(bytes(data), self.hop_key, cache)
+                self.wake("wake-up from objecthost")
+                answer = b"OK\n"
             except TickleRefused as exc:
                 log.warning("refused a wake-up on the CTA port: %s", exc)
-                conn.sendall(f"ERR {exc.code}\n".encode())
-                return
-            self.wake("wake-up from objecthost")
-            conn.sendall(b"OK\n")
+                answer = f"ERR {exc.code}\n".encode()
+        try:
+            conn.send(answer)
         except OSError:
             pass
-        finally:
-            conn.close()
-            slots.release()
+        self._close_wakeup(conn, sel, pending)
+
+    @staticmethod
+    def _close_wakeup(conn, sel, pending) -> None:
+        sel.unregister(conn)
+        pending.pop(conn, None)
+        conn.close()
 
     # ---- pulling ---------------------------------------------------------
     def _pull_loop(self) -> None:
@@ -199,7 +228,7 @@ class CTA:
         timer.start()
 
     def pull_once(self) -> None:
-        document = parse_client_tasks(self.api.get_tasks(), self.client_id)
+        document = parse_client_tasks(self.api.get_tasks(MAX_DOCUMENT_BYTES), self.client_id)
         for message in document.skipped:
             log.warning("task document: %s", message)
         changes: list[Change] = []
@@ -213,11 +242,15 @@ class CTA:
         for task in new:
             log.info("task %s (%s) received", task.id, task.type, extra={"task_id": task.id})
             changes.append(Change(task.id, "received", task.type, task))
-        if changes:
-            self.db.record_many(changes)  # one fsync for the whole pull
-            self.notifier.notify()
+        if not changes:
+            return
+        # One fsync for the whole pull; workers start validating meanwhile
+        # (validation has no side effects; `running` is queued after these).
+        self.db.enqueue(changes)
         for task in new:
             self._submit(task)
+        self.db.wait(changes)
+        self.notifier.notify()
 
     def _known(self, task_id: str) -> bool:
         """True if this task id was seen before (and re-send its end if it ended)."""

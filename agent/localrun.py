@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from .config import check_config, load_config
 from .errors import DsagentError, TaskDocumentError
 from .events import make_event
+from .reaper import become_subreaper, kill_adopted
 from .runner import execute
 from .taskxml import parse_client_tasks
 from .tasks import Task
@@ -66,6 +67,7 @@ def run_tasks(path: str, config_path: str | None, as_json: bool,
         task = Task(bad.task_id, bad.type or "?", {})
         recorder.record(task, "received")
         recorder.record(task, "failed", message=bad.message)
+    become_subreaper()
     pool = WorkerPool(1)
     handler_config: dict[str, Any] = config.handlers
     try:
@@ -74,6 +76,7 @@ def run_tasks(path: str, config_path: str | None, as_json: bool,
             execute(task, pool, recorder, handler_config)
     finally:
         pool.close()
+        kill_adopted(set())
     ok = (not document.skipped and not document.rejected
           and all(state == "succeeded" for state in recorder.final.values()))
     return 0 if ok else 1

@@ -21,7 +21,6 @@ import httpx
 
 from . import __version__
 from .errors import AuthError, ServerError
-from .taskxml import MAX_DOCUMENT_BYTES
 
 log = logging.getLogger("dsagent.server")
 
@@ -85,10 +84,9 @@ class ServerAPI:
             raise ServerError(f"{where}: HTTP {status}: {bytes(body[:200])!r}")
         return response, bytes(body)
 
-    def get_tasks(self) -> bytes:
-        """The pending-tasks document (raw bytes; parsing is taskxml's job)."""
-        response, body = self._request("GET", self._path("tasks"), MAX_DOCUMENT_BYTES,
-                                       headers=self._auth())
+    def get_tasks(self, limit: int) -> bytes:
+        """The pending-tasks document, at most ``limit`` bytes (parsing is taskxml's job)."""
+        response, body = self._request("GET", self._path("tasks"), limit, headers=self._auth())
         ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ("application/xml", "text/xml"):
             raise ServerError(f"GET tasks: content type {ctype or 'none'!r}, expected application/xml")

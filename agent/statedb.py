@@ -110,8 +110,19 @@ class AgentDB:
 
     def record_many(self, changes: list[Change]) -> list[Change]:
         """Record several events durably, in order; raise the first error."""
+        self.enqueue(changes)
+        return self.wait(changes)
+
+    def enqueue(self, changes: list[Change]) -> None:
+        """Queue changes without waiting: any later change from any thread is
+        committed after them (so a caller can start dependent work while the
+        fsync runs, then ``wait``)."""
         with self._pending_lock:
             self._pending.extend(changes)
+
+    def wait(self, changes: list[Change]) -> list[Change]:
+        """Commit queued changes (with whatever else is queued) unless a
+        concurrent commit already did; raise the first error among them."""
         with self._lock:
             if not all(c.done for c in changes):
                 with self._pending_lock:

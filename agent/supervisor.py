@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .config import Config, load_config
 from .errors import AuthError, DsagentError, ServerError
+from .reaper import become_subreaper, kill_adopted
 from .serverapi import ServerAPI
 from .tickle import load_hop_key
 
@@ -27,6 +28,7 @@ log = logging.getLogger("dsagent.supervisor")
 
 CHILDREN = (("objecthost", "objecthost"), ("cta", "agent.cta"), ("ctdataloader", "ctdataloader"))
 BACKOFF_MAX_S = 30.0
+SWEEP_EVERY_S = 10.0
 HEALTHY_AFTER_S = 60.0
 STOP_GRACE_S = 20.0
 
@@ -73,6 +75,7 @@ class Supervisor:
         self.config = config
         self.children = [Child(name, module) for name, module in CHILDREN]
         self.stop = threading.Event()
+        self.next_sweep = 0.0
 
     def _start(self, child: Child) -> None:
         cmd = [sys.executable, "-m", child.module, "--config", self.config.path]
@@ -98,6 +101,15 @@ class Supervisor:
         child.proc = None
         log.error("%s %s; restarting in %.0f s (restart #%d)", child.name, how,
                   child.backoff, child.restarts)
+        self.next_sweep = 0.0  # its handler processes are ours now: kill them at once
+
+    def _sweep(self) -> None:
+        """Kill handler processes orphaned by a dead worker or left behind."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + SWEEP_EVERY_S
+        kill_adopted({c.proc.pid for c in self.children if c.proc})
 
     def serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,9 +122,13 @@ class Supervisor:
             return 0 if self.stop.is_set() else 2
         for child in self.children:
             self._start(child)
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper: orphaned handler processes "
+                        "will not be cleaned up")
         while not self.stop.wait(0.2):
             for child in self.children:
                 self._check(child)
+            self._sweep()
         self.shutdown()
         return 0
 
@@ -130,6 +146,7 @@ class Supervisor:
                 log.error("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
                 child.proc.kill()
                 child.proc.wait()
+        kill_adopted(set())
         log.info("agent stopped")
 
 

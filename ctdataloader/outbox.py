@@ -18,6 +18,9 @@ from agent.statedb import connect
 class Outbox:
     def __init__(self, path: str | Path):
         self._conn = connect(path)
+        # Deleting accepted events need not wait for fsync: a delete lost to a
+        # power cut only re-sends events the server de-duplicates by event_id.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
 
     def batch(self, limit: int = 500) -> list[dict[str, Any]]:

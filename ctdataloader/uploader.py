@@ -20,7 +20,6 @@ from agent.config import Config, load_config
 from agent.errors import AuthError, DsagentError, ServerError
 from agent.logsetup import setup_logging
 from agent.notify import Notifier, NotifyListener
-from agent.serverapi import ServerAPI
 from agent.statedb import db_path
 
 from .outbox import Outbox
@@ -41,10 +40,22 @@ class Uploader:
         self.state_dir = config.state_dir
         self.outbox = Outbox(db_path(config.state_dir))
         self.listener = NotifyListener(config.state_dir)
-        self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
+        self.creds = creds
+        self.server_url = config.get("agent", "server_url")
+        self._api = None
         self.stop = threading.Event()
         self.backoff = 0.0
         self.uploaded = 0
+
+    @property
+    def api(self):
+        """The HTTP client, made on first use: an agent with nothing to send
+        never loads the HTTP and TLS stack (idle memory)."""
+        if self._api is None:
+            from agent.serverapi import ServerAPI
+
+            self._api = ServerAPI(self.server_url, self.creds.client_id, self.creds.token)
+        return self._api
 
     def upload_once(self) -> int:
         """Upload one batch; return how many events the server accepted."""
@@ -89,7 +100,8 @@ class Uploader:
                 log.warning("final upload failed (%s); events stay in the outbox", exc)
 
     def close(self) -> None:
-        self.api.close()
+        if self._api is not None:
+            self._api.close()
         self.outbox.close()
         self.listener.close()
 

@@ -1,7 +1,9 @@
 """RunScript (PROTOCOL.md §4): run a script's text with an interpreter.
 
 Parameters: ``script`` (the text, required), ``interpreter`` (absolute path,
-default /bin/sh). The script runs in its own process group; ``exit_code`` and
+default /bin/sh). The script runs in its own process group, and whatever it leaves running in
+that group is killed when it exits (processes that escape the group are
+killed by the agent's subreaper, see agent/reaper.py); ``exit_code`` and
 the last 4 KiB of stdout and stderr go into details; a non-zero exit fails the
 task. ``[handlers] run_script = false`` disables it on a machine.
 """
@@ -9,8 +11,8 @@ task. ``[handlers] run_script = false`` disables it on a machine.
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -23,7 +25,23 @@ from agent.tasks import TaskType
 TAIL_BYTES = 4096
 PARAMETERS = {"script", "interpreter"}
 
+TMP_PREFIX = "dsagent-runscript-"
+
 _running: dict[str, subprocess.Popen] = {}
+
+
+def _sweep_stale_tmpdirs() -> None:
+    """Remove script folders left by workers that were killed mid-task."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+_sweep_stale_tmpdirs()
 
 
 @hookimpl
@@ -50,12 +68,6 @@ def dsagent_validate_task(task, config):
         raise BadParameters(f"interpreter {interpreter} is not an executable file on this machine")
 
 
-def _die_with_worker() -> None:
-    """In the child: SIGKILL the script if its worker dies (an agent crash
-    must not leave scripts running unsupervised)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _tail(stream, into: collections.deque) -> None:
     for chunk in iter(lambda: stream.read(8192), b""):
         into.append(chunk)
@@ -70,15 +82,14 @@ def _text(chunks: collections.deque) -> str:
 @hookimpl
 def dsagent_run_task(task, ctx):
     interpreter = task.parameters.get("interpreter", "/bin/sh")
-    with tempfile.TemporaryDirectory(prefix="dsagent-runscript-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         path = os.path.join(tmp, "script")
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(task.parameters["script"])
         env = dict(os.environ, DSAGENT_TASK_ID=task.id)
         proc = subprocess.Popen([interpreter, path], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, env=env, cwd=tmp,
-                                preexec_fn=_die_with_worker)
+                                start_new_session=True, env=env, cwd=tmp)
         _running[task.id] = proc
         out, err = collections.deque(), collections.deque()
         readers = [threading.Thread(target=_tail, args=(proc.stdout, out), daemon=True),
@@ -87,6 +98,7 @@ def dsagent_run_task(task, ctx):
             reader.start()
         try:
             code = proc.wait()
+            _kill_group(proc.pid)  # what the script left running in its group
             for reader in readers:
                 reader.join()
         finally:
@@ -98,6 +110,13 @@ def dsagent_run_task(task, ctx):
         raise TaskFailed(f"script exited with code {code}", details)
     ctx.log.info("script exited with code 0")
     return details
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @hookimpl

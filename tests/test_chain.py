@@ -271,3 +271,31 @@ def test_bad_config_stops_the_start_naming_the_key(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"{config}: unknown key 'poll_interval' in [cta]" in result.stderr
+
+
+def test_cta_crash_leaves_no_handler_process_running(make_chain):
+    import uuid
+
+    import psutil
+    chain = make_chain()
+    marker = uuid.uuid4().hex
+    task = chain.queue("RunScript", {"script": f"sh -c 'sleep 300; : {marker}'"})
+    chain.tickle()
+    deadline = time.monotonic() + 10
+    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def leftovers():
+        return [p for p in psutil.process_iter(["cmdline"])
+                if marker in " ".join(p.info["cmdline"] or [])]
+
+    assert leftovers()
+    cta = chain.child("cta")
+    cta.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []
+    chain.tickle()
+    assert chain.wait([task], 20)
+    assert "interrupted" in chain.events(task)[-1]["message"]

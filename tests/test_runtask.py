@@ -121,3 +121,15 @@ def test_unreadable_document_or_config_exit_2(tmp_path):
     missing = subprocess.run(DSAGENT + ["run-task", str(tmp_path / "none.xml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2
+
+
+def test_leftover_and_escaped_processes_are_killed(tmp_path):
+    marker = uuid.uuid4().hex
+    script = (f"sh -c 'sleep 300; : {marker}' & "            # left in the script's group
+              f"setsid sh -c 'sleep 301; : {marker}' & "     # escaped into its own session
+              "echo done")
+    result, events = run_task(tmp_path, task("RunScript", {"script": script}, timeout=30))
+    assert states(events) == ["received", "running", "succeeded"]
+    assert events[-1]["details"]["stdout_tail"] == "done\n"
+    left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert left == []

@@ -1,0 +1,227 @@
+"""``python -m bench [--quick]``: measure the real chain on loopback, print a table.
+
+Progress goes to stderr; the Markdown table goes to stdout and to
+``bench/results.md`` (overwritten). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import chain as chain_bench
+from . import micro
+from .report import Conditions, Row, machine_lines, mb, ms, percentile, table
+
+RESULTS = Path(__file__).with_name("results.md")
+
+LATENCY_GOAL_S = 0.005
+THROUGHPUT_GOAL = 200.0
+RSS_GOAL = 64 * 1024 * 1024
+IDLE_CPU_GOAL = 0.005   # fraction of one core
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def p50_p99(values: list[float]) -> str:
+    if not values:
+        return "no samples"
+    return f"p50 {ms(percentile(values, 50))} · p99 {ms(percentile(values, 99))}"
+
+
+def latency_rows(lat: chain_bench.LatencyResult) -> list[Row]:
+    n = len(lat.running)
+    note = f" (n={n}" + (f", {lat.lost} lost" if lat.lost else "") + \
+        (f", {lat.busy} busy retries" if lat.busy else "") + ")"
+    rows = []
+    for label, values in (("(a) `running` event `at`", lat.running),
+                          ("(b) in the handler (`date +%s.%N`, incl. sh spawn)", lat.handler)):
+        if not values:
+            rows.append(Row(f"Tickle → handler start {label}", "no samples", "p50 ≤ 5 ms", False))
+            continue
+        p50 = percentile(values, 50)
+        rows.append(Row(f"Tickle → handler start {label}, p50{note}", ms(p50), "≤ 5 ms",
+                        p50 <= LATENCY_GOAL_S))
+        rows.append(Row(f"Tickle → handler start {label}, p99", ms(percentile(values, 99))))
+    rows += [
+        Row("  ↳ tickle sent → `OK` from objecthost", p50_p99(lat.tickle_ok)),
+        Row("  ↳ tickle sent → `received` `at` (wake-up hop, GET tasks, XML parse)",
+            p50_p99(lat.received)),
+        Row("  ↳ `received` → `running` `at` (received commit, executor, worker validate)",
+            p50_p99(lat.validate)),
+        Row("  ↳ `running` `at` → handler's sh runs (running commit, go, sh spawn)",
+            p50_p99(lat.go_to_sh)),
+        Row("  ↳ tickle sent → terminal `at` (task done in CTA)", p50_p99(lat.terminal_at)),
+        Row("  ↳ tickle sent → terminal status stored at server", p50_p99(lat.at_server)),
+    ]
+    return rows
+
+
+def throughput_rows(res: chain_bench.ThroughputResult) -> list[Row]:
+    done = f"{res.done}/{res.n}" + ("" if res.done == res.n else " (timed out)")
+    failed = res.done - res.succeeded
+    rows = [Row(f"{res.n} no-op RunScript tasks, one tickle, max_concurrent_tasks={res.concurrency}",
+                f"{res.rate:.0f} tasks/s ({done} terminal at server in {res.elapsed_s:.2f} s"
+                + (f", {failed} not succeeded" if failed else "") + ")",
+                f"≥ {THROUGHPUT_GOAL:.0f} tasks/s", res.rate >= THROUGHPUT_GOAL and res.done == res.n),
+            Row("  ↳ timeline after the tickle (event `at`s)",
+                f"first `received` +{res.first_received_s:.2f} s, last `received` "
+                f"+{res.last_received_s:.2f} s, last terminal +{res.last_terminal_s:.2f} s, "
+                f"all at server +{res.elapsed_s:.2f} s (queueing took {res.queue_s:.2f} s, untimed)")]
+    if res.cpu_s and res.done:
+        total = sum(res.cpu_s.values())
+        rows.append(Row("  ↳ CPU per task, by process",
+                        f"{total / res.done * 1000:.1f} ms in all ("
+                        + ", ".join(f"{name} {cpu / res.done * 1000:.1f}"
+                                    for name, cpu in res.cpu_s.items())
+                        + f"); {total / res.elapsed_s:.2f} cores busy on average"))
+    return rows
+
+
+def idle_rows(idle: chain_bench.IdleResult, after_rss: tuple[int, int] | None,
+              after_n: int) -> list[Row]:
+    rss = sum(p.rss for p in idle.agents)
+    uss = sum(p.uss for p in idle.agents)
+    cpu = sum(p.cpu_s for p in idle.agents)
+    each = ", ".join(f"{p.name} {mb(p.rss)}" for p in idle.agents)
+    each_uss = ", ".join(f"{p.name} {mb(p.uss)}" for p in idle.agents)
+    pss = sum(p.pss for p in idle.agents)
+    share = cpu / idle.window_s
+    rows = [
+        Row("Idle RSS, objecthost + CTA + ctdataloader (after 3 s idle)", f"{mb(rss)} ({each})",
+            f"≤ {mb(RSS_GOAL)}", rss <= RSS_GOAL),
+        Row("Idle USS, same three", f"{mb(uss)} ({each_uss})"),
+        Row("Idle PSS, same three (shared pages split between sharers)", mb(pss)),
+        Row(f"Idle CPU over {idle.window_s:.0f} s, same three",
+            f"{cpu * 1000:.0f} ms ({share * 100:.2f} % of a core; "
+            + ", ".join(f"{p.name} {p.cpu_s * 1000:.0f} ms" for p in idle.agents) + ")",
+            "≈ 0 (≤ 0.5 % of a core)", share <= IDLE_CPU_GOAL),
+    ]
+    if idle.workers:
+        rows.append(Row(f"  info: {len(idle.workers)} idle worker(s) (children of the CTA)",
+                        "RSS " + " + ".join(mb(w.rss) for w in idle.workers)
+                        + ", USS " + " + ".join(mb(w.uss) for w in idle.workers)
+                        + f"; CPU {sum(w.cpu_s for w in idle.workers) * 1000:.0f} ms"))
+    if idle.supervisor:
+        sup = idle.supervisor
+        rows.append(Row("  info: supervisor (`dsagent run`)",
+                        f"RSS {mb(sup.rss)}, USS {mb(sup.uss)}; CPU {sup.cpu_s * 1000:.0f} ms"))
+    if after_rss:
+        rows.append(Row(f"  info: RSS of the three after the {after_n}-task run",
+                        f"{mb(after_rss[0])} (USS {mb(after_rss[1])})"))
+    return rows
+
+
+def micro_rows(workdir: Path, quick: bool) -> list[Row]:
+    n = 300 if quick else 1000
+    rows = []
+    say("micro: loopback TCP")
+    rows.append(Row("Floor: loopback TCP round trip (open connection, NODELAY)",
+                    p50_p99(micro.tcp_round_trip(n))))
+    rows.append(Row("Floor: loopback TCP connect + line + answer + close",
+                    p50_p99(micro.tcp_connect_exchange(n // 2))))
+    say("micro: httpx")
+    tasks, missing = micro.http_get(workdir, n // 2)
+    rows.append(Row("Floor: httpx keep-alive GET tasks (reference server, empty list)",
+                    p50_p99(tasks)))
+    rows.append(Row("Floor: httpx keep-alive GET of a 404 path (no SQLite)", p50_p99(missing)))
+    say("micro: sqlite")
+    rows.append(Row("Floor: SQLite commit, WAL + synchronous=FULL (state dir)",
+                    p50_p99(micro.sqlite_commit(workdir, 100 if quick else 300))))
+    say("micro: xml")
+    samples, size = micro.xml_parse(100 if quick else 300)
+    rows.append(Row(f"Floor: parse_client_tasks, 50-task document ({size // 1024} KiB)",
+                    p50_p99(samples)))
+    say("micro: sh spawn")
+    rows.append(Row("Floor: spawn + wait `/bin/sh -c true` from Python",
+                    p50_p99(micro.sh_spawn(50 if quick else 200))))
+    return rows
+
+
+NOTES = """\
+Notes: (a) is the `running` event's `at` (taken in the CTA just before the
+worker is told to go; RFC 3339 with milliseconds, truncated, so up to 1 ms
+low) minus `time.time()` taken just before the tickle was sent; (b) is the
+time written by `date +%s.%N` in the task's script, so it includes the `sh`
+spawn. Tickles are paced at most 40/s (the objecthost's rate limit is 50/s)
+and each task finishes before the next tickle. Throughput is timed from just
+before the tickle until every task's terminal status is stored at the server;
+"CPU per task" is user+system time of each process over that window (workers
+include the scripts they reaped; "task server + bench" is this process).
+RSS counts shared library pages once per process (libpython, libcrypto, ...);
+PSS splits them. Expect run-to-run spread of tens of percent on a small VM.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller run: 50 tickles, 200 tasks")
+    parser.add_argument("--tickles", type=int, help="latency samples (default 200, quick 50)")
+    parser.add_argument("--tasks", type=int, help="throughput tasks (default 1000, quick 200)")
+    parser.add_argument("--workdir", help="where to put the chain (default: a new temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
+    parser.add_argument("--out", default=str(RESULTS), help="Markdown file to write (overwritten)")
+    args = parser.parse_args(argv)
+    n_tickles = args.tickles or (50 if args.quick else 200)
+    n_tasks = args.tasks or (200 if args.quick else 1000)
+    timeout = 45.0 if args.quick else 90.0
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    conditions = Conditions()
+    rows: list[Row] = []
+    mode = ("quick" if args.quick else "full") + \
+        f": {n_tickles} tickles, {n_tasks} tasks per throughput run"
+    chain = None
+    try:
+        say(f"starting the chain in {workdir} (max_concurrent_tasks=2)")
+        chain = chain_bench.start_chain(workdir / "chain2", 2)
+        chain_bench.warm_up(chain)
+        say("idle: 3 s settle + 5 s CPU window")
+        idle = chain_bench.idle(chain)
+        say(f"latency: {n_tickles} sequential tickles")
+        lat = chain_bench.tickle_latency(chain, n_tickles, workdir / "stamps")
+        say(f"throughput: {n_tasks} tasks, max_concurrent_tasks=2")
+        tp2 = chain_bench.throughput(chain, n_tasks, timeout)
+        after = chain_bench.memory(chain)
+        chain.stop()
+        chain = None
+
+        say("starting the chain again with max_concurrent_tasks=4")
+        chain = chain_bench.start_chain(workdir / "chain4", 4)
+        chain_bench.warm_up(chain)
+        say(f"throughput: {n_tasks} tasks, max_concurrent_tasks=4")
+        tp4 = chain_bench.throughput(chain, n_tasks, timeout)
+        chain.stop()
+        chain = None
+
+        rows += latency_rows(lat)
+        rows += throughput_rows(tp2) + throughput_rows(tp4)
+        rows += idle_rows(idle, after, n_tasks)
+        rows += micro_rows(workdir, args.quick)
+    finally:
+        if chain is not None:
+            chain.stop()
+
+    text = "\n".join(["# dsagent bench", "", *machine_lines(workdir, mode), conditions.line(), "",
+                      table(rows), "", NOTES])
+    if not args.keep and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif args.keep:
+        say(f"kept {workdir}")
+    print(text)
+    Path(args.out).write_text(text, encoding="utf-8")
+    say(f"done in {time.monotonic() - began:.0f} s; table written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

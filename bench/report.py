@@ -1,0 +1,115 @@
+"""Machine facts, small statistics and the Markdown table."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class Row:
+    measure: str
+    result: str
+    goal: str = "—"
+    met: bool | None = None   # None: information only
+
+    def cells(self) -> list[str]:
+        met = "—" if self.met is None else ("yes" if self.met else "**no**")
+        return [self.measure, self.result, self.goal, met]
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (``pct`` in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ms(seconds: float) -> str:
+    value = seconds * 1000
+    if value < 0.1:
+        return f"{value * 1000:.0f} µs"
+    return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
+
+
+def mb(nbytes: float) -> str:
+    return f"{nbytes / (1024 * 1024):.1f} MB"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def filesystem_of(path: str | os.PathLike) -> str:
+    """``fstype on device`` for the mount holding ``path``."""
+    path = os.path.realpath(path)
+    best = None
+    for part in psutil.disk_partitions(all=True):
+        mount = part.mountpoint
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and \
+                (best is None or len(mount) > len(best.mountpoint)):
+            best = part
+    return f"{best.fstype} ({best.device} on {best.mountpoint})" if best else "unknown"
+
+
+def cpu_stat() -> tuple[int, int]:
+    """(all jiffies, steal jiffies) from /proc/stat, or (0, 0)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields[:8]), (fields[7] if len(fields) > 7 else 0)
+
+
+class Conditions:
+    """Load when the run starts and hypervisor steal time over the run (noise indicators)."""
+
+    def __init__(self):
+        self.loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        self._start = cpu_stat()
+
+    def line(self) -> str:
+        total, steal = cpu_stat()
+        d_total, d_steal = total - self._start[0], steal - self._start[1]
+        share = f"{100 * d_steal / d_total:.1f} %" if d_total > 0 else "unknown"
+        return (f"- Conditions: 1-min load average {self.loadavg:.2f} at start; "
+                f"CPU steal (hypervisor) during the run {share}")
+
+
+def machine_lines(workdir: str | os.PathLike, mode: str) -> list[str]:
+    logical = os.cpu_count() or 0
+    physical = psutil.cpu_count(logical=False) or logical
+    mem = psutil.virtual_memory().total
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        f"- Date: {now}",
+        f"- Machine: {cpu_model()}, {physical} cores / {logical} threads, "
+        f"{mem / 2**30:.1f} GiB RAM; {platform.system()} {platform.release()}",
+        f"- Python: {platform.python_implementation()} {platform.python_version()} "
+        f"({Path(sys.executable).parent.parent.name} venv)",
+        f"- State dir file system: {filesystem_of(workdir)}",
+        f"- Mode: {mode}",
+    ]
+
+
+def table(rows: list[Row]) -> str:
+    header = ["Measure", "Result", "Goal", "Met"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row.cells()) + " |")
+    return "\n".join(lines)
