@@ -1,0 +1,1 @@
+"""Disk imaging: Create/Deploy Image, Create Backup/Restore Backup Image (PROTOCOL.md §4)."""

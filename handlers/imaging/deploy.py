@@ -1,0 +1,212 @@
+"""Write an image onto a target disk (DeployImage / RestoreBackupImage).
+
+Every run is verified (sha256) before it is written; every byte the image
+does not store, up to the source's size, is made zero (hole punched in a
+file, BLKZEROOUT on a block device, zeros written where neither works), so no
+old data of the target survives. The target is fsync'd, and its checksum over
+the written span is computed as it is written, in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import os
+import queue
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
+from typing import Callable
+
+import zstandard
+
+from .progress import Progress
+from .source import check_disk_path, disk_size, in_use
+from .store import Chunk, ImageError, ImageStore
+
+THREADS = 2
+IN_FLIGHT = 4
+ZERO_BLOCK = bytes(4 * 1024 * 1024)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "dec", None)
+    if dec is None:
+        dec = _local.dec = zstandard.ZstdDecompressor()
+    return dec
+
+
+def _unpack(frame_no: int, compressed: bytes, runs: list[Chunk]) -> bytes:
+    """In a worker thread: decompress one frame and verify each run in it."""
+    expected = sum(r.length for r in runs)
+    try:
+        payload = _decompressor().decompress(compressed, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise ImageError(f"frame {frame_no} (image bytes {runs[0].data_offset}+{len(compressed)}) "
+                         f"is corrupt: {exc}") from None
+    if len(payload) != expected:
+        raise ImageError(f"frame {frame_no} holds {len(payload)} bytes, the index says {expected}")
+    pos = 0
+    for run in runs:
+        if hashlib.sha256(payload[pos:pos + run.length]).digest() != run.sha256:
+            raise ImageError(f"chunk at source offset {run.src_offset} ({run.length} bytes, "
+                             f"frame {frame_no}) fails its sha256 check: the image is corrupt")
+        pos += run.length
+    return payload
+
+
+class _Zeroer:
+    """Make a byte range of the target read as zeros, as cheaply as the target allows."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        mode = os.fstat(fd).st_mode
+        self.can_punch = stat.S_ISREG(mode)
+        self.can_zeroout = stat.S_ISBLK(mode)
+
+    def zero(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if self.can_punch:
+            if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                               offset, length) == 0:
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            self.can_punch = False
+        if self.can_zeroout:
+            try:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                self.can_zeroout = False
+        end = offset + length
+        while offset < end:
+            n = min(len(ZERO_BLOCK), end - offset)
+            os.pwrite(self.fd, memoryview(ZERO_BLOCK)[:n], offset)
+            offset += n
+
+
+class _Hasher(threading.Thread):
+    """sha256 of the target's span as written, off the writing thread."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sha = hashlib.sha256()
+        self.q: queue.Queue = queue.Queue(maxsize=8)
+
+    def feed_zeros(self, length: int) -> None:
+        while length > 0:
+            n = min(len(ZERO_BLOCK), length)
+            self.q.put(memoryview(ZERO_BLOCK)[:n])
+            length -= n
+
+    def run(self) -> None:
+        while (buf := self.q.get()) is not None:
+            self.sha.update(buf)
+
+
+def deploy(store: ImageStore, name: str, kind: str, target: str,
+           report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False) -> dict:
+    """Write image ``name`` (which must be of ``kind``) onto ``target``; return details."""
+    started = time.monotonic()
+    check_disk_path(target, "target")
+    version = store.open_current(name)
+    try:
+        if version.kind != kind:
+            task = "DeployImage" if kind == "capture" else "RestoreBackupImage"
+            other = "RestoreBackupImage" if kind == "capture" else "DeployImage"
+            raise ImageError(f"image '{name}' is a {version.kind} image; {task} takes only "
+                             f"{kind} images (use {other})")
+        chunks = version.chunks()
+        size = int(version.meta["source"]["size"])
+        why = in_use(target)
+        if why:
+            raise ImageError(f"refusing to write a disk in use: {why}")
+        fd = os.open(target, os.O_RDWR)
+        try:
+            target_size = disk_size(fd)
+            if target_size < size:
+                raise ImageError(f"target {target} is {target_size} bytes, smaller than the "
+                                 f"image's source ({size} bytes)")
+            written, zeroed, digest = _write_image(fd, version.dir / "data.zst", chunks, size,
+                                                   report, cancelled)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        version.close()
+    elapsed = time.monotonic() - started
+    return {"image": name, "version": version.dir.name, "kind": kind, "target": target,
+            "bytes_written": written, "bytes_zeroed": zeroed, "span_bytes": size,
+            "target_sha256": digest, "duration_s": round(elapsed, 3),
+            "mb_per_s": round(size / 2**20 / max(elapsed, 1e-6), 1)}
+
+
+def _write_image(fd: int, data_path, chunks: list[Chunk], size: int, report, cancelled):
+    progress = Progress(size, report, "deployed")
+    zeroer = _Zeroer(fd)
+    hasher = _Hasher()
+    hasher.start()
+    written = zeroed = 0
+    cursor = 0
+
+    def write_frame(runs: list[Chunk], payload: bytes) -> None:
+        nonlocal cursor, written, zeroed
+        pos = 0
+        view = memoryview(payload)
+        for run in runs:
+            if run.src_offset < cursor or run.src_offset + run.length > size:
+                raise ImageError(f"index run at {run.src_offset} is out of order or outside "
+                                 "the image's span: the image is corrupt")
+            gap = run.src_offset - cursor
+            zeroer.zero(cursor, gap)
+            hasher.feed_zeros(gap)
+            zeroed += gap
+            piece = view[pos:pos + run.length]
+            os.pwrite(fd, piece, run.src_offset)
+            hasher.q.put(piece)
+            written += run.length
+            cursor = run.src_offset + run.length
+            pos += run.length
+        progress.update(cursor)
+
+    try:
+        with open(data_path, "rb") as data, ThreadPoolExecutor(THREADS) as pool:
+            inflight: deque = deque()
+            frames = groupby(chunks, key=lambda c: c.data_offset)
+            for frame_no, (data_offset, group) in enumerate(frames):
+                if cancelled():
+                    raise ImageError("deploy cancelled")
+                runs = list(group)
+                compressed = os.pread(data.fileno(), runs[0].comp_length, data_offset)
+                if len(compressed) != runs[0].comp_length:
+                    raise ImageError(f"frame {frame_no} is truncated in {data_path}")
+                inflight.append((runs, pool.submit(_unpack, frame_no, compressed, runs)))
+                while len(inflight) >= IN_FLIGHT:
+                    runs_done, future = inflight.popleft()
+                    write_frame(runs_done, future.result())
+            while inflight:
+                runs_done, future = inflight.popleft()
+                write_frame(runs_done, future.result())
+        zeroer.zero(cursor, size - cursor)
+        hasher.feed_zeros(size - cursor)
+        zeroed += size - cursor
+    finally:
+        hasher.q.put(None)
+        hasher.join()
+    progress.update(size, force=True)
+    return written, zeroed, hasher.sha.hexdigest()
