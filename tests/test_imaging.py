@@ -261,3 +261,47 @@ def test_image_names_validated_through_run_task(tmp_path):
     assert "'target' must be an absolute path" in finals[1]["message"]
     assert "'target' is missing" in finals[2]["message"]
     assert list(images.iterdir()) == []
+
+
+def test_capture_and_deploy_through_the_whole_chain(tmp_path):
+    from taskserver.loopback import LoopbackChain
+
+    images = tmp_path / "images"
+    images.mkdir()
+    disk = make_ext4(tmp_path / "disk.img", 96, make_tree(tmp_path / "tree"))
+    target = random_file(tmp_path / "target.img", 96 * 2**20)
+    with LoopbackChain(tmp_path / "chain", handlers={"image_store": str(images)}) as chain:
+        made = chain.queue("CreateImage", {"source": str(disk), "image": "golden"})
+        chain.tickle()
+        assert chain.wait([made], 60)
+        deployed = chain.queue("DeployImage", {"image": "golden", "target": str(target)})
+        wrong = chain.queue("RestoreBackupImage", {"image": "golden", "target": str(target)})
+        chain.tickle()
+        assert chain.wait([deployed, wrong], 60)
+        capture_events = chain.events(made)
+        deploy_events = chain.events(deployed)
+        wrong_events = chain.events(wrong)
+    assert capture_events[-1]["state"] == "succeeded", capture_events[-1]
+    assert deploy_events[-1]["state"] == "succeeded", deploy_events[-1]
+    progress = [e for e in deploy_events if e["state"] == "progress"]
+    assert progress and "bytes_per_s" in progress[-1]["details"]
+    assert deploy_events[-1]["details"]["target_sha256"] == sha256_file(disk)
+    assert capture_events[-1]["details"]["image_sha256"]
+    assert wrong_events[-1]["state"] == "failed"
+    assert "is a capture image; RestoreBackupImage takes only backup" in wrong_events[-1]["message"]
+    e2fsck_clean(target)
+
+
+def test_target_attached_to_a_loop_device_is_refused(tmp_path, store):
+    losetup = tool("losetup")
+    disk = make_ext4(tmp_path / "disk.img", 32)
+    capture(str(disk), store, "img", "capture", progress_log()[1])
+    target = random_file(tmp_path / "target.img", 32 * 2**20)
+    attach = subprocess.run([losetup, "-f", "--show", str(target)], capture_output=True, text=True)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device here: {attach.stderr.strip()}")
+    try:
+        with pytest.raises(ImageError, match="attached to /dev/loop"):
+            deploy(store, "img", "capture", str(target), progress_log()[1])
+    finally:
+        subprocess.run([losetup, "-d", attach.stdout.strip()])
