@@ -1,7 +1,13 @@
-"""``python -m bench [--quick]``: measure the real chain on loopback, print a table.
+"""``python -m bench [chain|imaging|all] [--quick]``: measure, print a table.
 
-Progress goes to stderr; the Markdown table goes to stdout and to
-``bench/results.md`` (overwritten). Nothing is asserted.
+``chain`` (the default) measures the real chain on loopback; ``imaging``
+(also ``--only imaging``) measures disk capture/deploy against zstd and
+partclone (bench/imaging.py); ``all`` (also ``--all``) runs both.
+
+Progress goes to stderr; the Markdown tables go to stdout and to
+``bench/results.md``: the chain section first, then a ``## Imaging`` section.
+A run replaces the section(s) it measured and keeps the other one as it was.
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import time
 from pathlib import Path
 
 from . import chain as chain_bench
+from . import imaging as imaging_bench
 from . import micro
 from .report import Conditions, Row, machine_lines, mb, ms, percentile, table
 
 RESULTS = Path(__file__).with_name("results.md")
+IMAGING_HEADING = "## Imaging"
 
 LATENCY_GOAL_S = 0.005
 THROUGHPUT_GOAL = 200.0
@@ -159,16 +167,41 @@ PSS splits them. Expect run-to-run spread of tens of percent on a small VM.
 """
 
 
+def merge_results(old: str, chain: str | None, imaging: str | None) -> str:
+    """results.md with the given sections replaced and the others kept from ``old``."""
+    cut = old.find("\n" + IMAGING_HEADING + "\n")
+    old_chain, old_imaging = (old[:cut], old[cut + 1:]) if cut >= 0 else (old, "")
+    if old.startswith(IMAGING_HEADING + "\n"):
+        old_chain, old_imaging = "", old
+    parts = [p.strip() for p in (chain if chain is not None else old_chain,
+                                 imaging if imaging is not None else old_imaging) if p.strip()]
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", nargs="?", choices=("chain", "imaging", "all"),
+                        help="what to measure (default: chain)")
+    parser.add_argument("--only", choices=("chain", "imaging"), help="same as SUITE")
+    parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller run: 50 tickles, 200 tasks")
+                        help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool")
+    parser.add_argument("--runs", type=int, help="imaging: runs per tool (default 3, quick 1)")
+    parser.add_argument("--cold", action="store_true",
+                        help="imaging: drop the page cache before every run of every tool "
+                             "(default: warm cache, the disk read once before)")
     parser.add_argument("--tickles", type=int, help="latency samples (default 200, quick 50)")
     parser.add_argument("--tasks", type=int, help="throughput tasks (default 1000, quick 200)")
-    parser.add_argument("--workdir", help="where to put the chain (default: a new temp dir)")
+    parser.add_argument("--workdir",
+                        help="where to put the chain and the disks (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
-    parser.add_argument("--out", default=str(RESULTS), help="Markdown file to write (overwritten)")
+    parser.add_argument("--out", default=str(RESULTS),
+                        help="Markdown file to update (default bench/results.md)")
     args = parser.parse_args(argv)
+    suite = "all" if args.all else (args.suite or args.only or "chain")
+    if args.suite and args.only and args.suite != args.only:
+        parser.error("give the suite once (SUITE or --only)")
     n_tickles = args.tickles or (50 if args.quick else 200)
     n_tasks = args.tasks or (200 if args.quick else 1000)
     timeout = 45.0 if args.quick else 90.0
@@ -176,6 +209,27 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
+    chain_text = imaging_text = None
+    try:
+        if suite in ("chain", "all"):
+            chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
+        if suite in ("imaging", "all"):
+            runs = args.runs or (1 if args.quick else 3)
+            imaging_text = imaging_bench.section(workdir / "imaging", runs, args.cold, args.quick)
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif args.keep:
+            say(f"kept {workdir}")
+    out = Path(args.out)
+    old = out.read_text(encoding="utf-8") if out.exists() else ""
+    print("\n\n".join(t for t in (chain_text, imaging_text) if t))
+    out.write_text(merge_results(old, chain_text, imaging_text), encoding="utf-8")
+    say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
+    return 0
+
+
+def run_chain(args, workdir: Path, n_tickles: int, n_tasks: int, timeout: float) -> str:
     conditions = Conditions()
     rows: list[Row] = []
     mode = ("quick" if args.quick else "full") + \
@@ -211,16 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         if chain is not None:
             chain.stop()
 
-    text = "\n".join(["# dsagent bench", "", *machine_lines(workdir, mode), conditions.line(), "",
+    return "\n".join(["# dsagent bench", "", *machine_lines(workdir, mode), conditions.line(), "",
                       table(rows), "", NOTES])
-    if not args.keep and not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    elif args.keep:
-        say(f"kept {workdir}")
-    print(text)
-    Path(args.out).write_text(text, encoding="utf-8")
-    say(f"done in {time.monotonic() - began:.0f} s; table written to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -126,8 +126,12 @@ def capture(source: str, store: ImageStore, name: str, kind: str,
     why = in_use(source)
     if why:
         raise ImageError(f"refusing to capture a disk in use: {why}")
-    fd = os.open(source, os.O_RDONLY)
     lock = store.lock(name)
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError:
+        lock.close()
+        raise
     vdir = None
     try:
         plan = plan_source(source, fd)
