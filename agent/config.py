@@ -7,6 +7,9 @@ silently ignored on a machine nobody watches.
 Extensions to §6 (documented in docs/config.md):
 - ``[agent] enrollment_key``: needed to register when there is no token yet.
 - ``[handlers] run_script``: §4 names it (false disables RunScript).
+- ``[handlers] sbs_wake_command``: run after an SBS file is written, to wake
+  the PXE Interface service (the seed's Windows event); unset: nothing runs.
+- ``[handlers] preboot_keep_versions``: BootWiz versions kept for rollback.
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
 (mode 0600) and used when the config itself has no token.
 """
@@ -48,6 +51,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "package_store": (str, None),
         "preboot_store": (str, None),
         "run_script": (bool, True),
+        "sbs_wake_command": (str, None),
+        "preboot_keep_versions": (int, 3),
     },
 }
 
