@@ -14,6 +14,7 @@ nothing that looks usable.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from agent import __version__
 
 from .progress import Progress
 from .source import Plan, check_disk_path, in_use, plan_source
-from .store import FORMAT, Chunk, ImageError, ImageStore, fsync_dir, pack_index, write_atomic
+from .store import FORMAT, Chunk, ImageError, ImageStore, IndexWriter, fsync_dir, write_atomic
 
 FRAME_BYTES = 4 * 1024 * 1024     # raw bytes per compressed frame
 IN_FLIGHT = 4                     # frames being compressed at once (bounds memory)
@@ -48,10 +49,14 @@ def _compressor() -> zstandard.ZstdCompressor:
     return comp
 
 
-def _pack(runs: list[tuple[int, bytes]]) -> tuple[list[bytes], bytes]:
-    """In a worker thread: per-run sha256 and one compressed frame."""
-    digests = [hashlib.sha256(buf).digest() for _, buf in runs]
-    return digests, _compressor().compress(b"".join(buf for _, buf in runs))
+def _pack(runs: list[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    """In a worker thread: one compressed frame and its sha256.
+
+    The frame is hashed as stored (compressed: fewer bytes to hash); zstd's
+    own content checksum covers the decompressed bytes.
+    """
+    frame = _compressor().compress(b"".join(buf for _, buf in runs))
+    return hashlib.sha256(frame).digest(), frame
 
 
 def _segments(fd: int, offset: int, length: int, sparse: bool
@@ -137,17 +142,20 @@ def capture(source: str, store: ImageStore, name: str, kind: str,
         plan = plan_source(source, fd)
         sparse = os.path.isfile(source)
         vdir = store.new_version(name)
-        chunks = _write_frames(fd, plan, sparse, vdir, report, cancelled)
-        index = pack_index(FRAME_BYTES, chunks)
-        write_atomic(vdir / "index.bin", index)
-        stored = sum(c.length for c in chunks)
+        index = IndexWriter(vdir / "index.bin", FRAME_BYTES)
+        try:
+            _write_frames(fd, plan, sparse, vdir, index, report, cancelled)
+            image_sha256 = index.finish()
+        finally:
+            index.close()
+        stored, runs = index.stored, index.count
         compressed = os.path.getsize(vdir / "data.zst")
         meta = {
             "format": FORMAT, "name": name, "kind": kind, "version": vdir.name,
             "source": {"path": source, "size": plan.size, **plan.facts},
-            "frame_bytes": FRAME_BYTES, "runs": len(chunks),
+            "frame_bytes": FRAME_BYTES, "runs": runs,
             "bytes_stored": stored, "compressed_size": compressed,
-            "image_sha256": hashlib.sha256(index).hexdigest(),
+            "image_sha256": image_sha256,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tool": f"dsagent {__version__}", "compression": "zstd-1",
         }
@@ -164,16 +172,16 @@ def capture(source: str, store: ImageStore, name: str, kind: str,
     return {
         "image": name, "version": vdir.name, "kind": kind, "source": source,
         "source_size": plan.size, "bytes_stored": stored, "compressed_size": compressed,
-        "image_sha256": meta["image_sha256"], "runs": len(chunks),
+        "image_sha256": image_sha256, "runs": runs,
         "strategy": [f"{f['where']}: {f['strategy']}" for f in plan.facts.get("filesystems", [])],
         "replaced_versions": removed, "duration_s": round(elapsed, 3),
         "read_mb_per_s": round(plan.read_bytes / 2**20 / max(elapsed, 1e-6), 1),
     }
 
 
-def _write_frames(fd: int, plan: Plan, sparse: bool, vdir, report, cancelled) -> list[Chunk]:
+def _write_frames(fd: int, plan: Plan, sparse: bool, vdir, index: IndexWriter,
+                  report, cancelled) -> None:
     progress = Progress(plan.read_bytes, report, "captured")
-    chunks: list[Chunk] = []
     done = 0
     with open(vdir / "data.zst", "wb") as out, ThreadPoolExecutor(THREADS) as pool:
         inflight: deque = deque()
@@ -186,7 +194,7 @@ def _write_frames(fd: int, plan: Plan, sparse: bool, vdir, report, cancelled) ->
                 inflight.append((frame, pool.submit(_pack, frame)))
                 frame, frame_bytes = [], 0
             while len(inflight) >= IN_FLIGHT:
-                _write_one(out, inflight.popleft(), chunks)
+                _write_one(out, inflight.popleft(), index)
 
         for offset, buf, n_read in _runs(fd, plan, sparse, cancelled):
             done += n_read
@@ -200,18 +208,30 @@ def _write_frames(fd: int, plan: Plan, sparse: bool, vdir, report, cancelled) ->
                 raise ImageError("capture cancelled")
         flush()
         while inflight:
-            _write_one(out, inflight.popleft(), chunks)
+            _write_one(out, inflight.popleft(), index)
         out.flush()
         os.fsync(out.fileno())
     fsync_dir(vdir)
     progress.update(done, force=True)
-    return chunks
 
 
-def _write_one(out, item, chunks: list[Chunk]) -> None:
-    frame, future = item
-    digests, compressed = future.result()
+def _write_one(out, item, index: IndexWriter) -> None:
+    runs, future = item
+    digest, frame = future.result()
     data_offset = out.tell()
-    out.write(compressed)
-    for (offset, buf), digest in zip(frame, digests):
-        chunks.append(Chunk(offset, len(buf), data_offset, len(compressed), digest))
+    out.write(frame)
+    out.flush()
+    start_writeback(out.fileno(), data_offset, len(frame))
+    for offset, buf in runs:
+        index.add(Chunk(offset, len(buf), data_offset, len(frame), digest))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a frame to disk now (no wait), so the final fsync has
+    little left to do; durability still comes from that fsync."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
-from typing import Callable
+from typing import Callable, Iterator
 
 import zstandard
 
@@ -50,8 +50,14 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 
 def _unpack(frame_no: int, compressed: bytes, runs: list[Chunk]) -> bytes:
-    """In a worker thread: decompress one frame and verify each run in it."""
+    """In a worker thread: verify one frame (sha256 as stored, then zstd's
+    content checksum while decompressing) and return its bytes."""
     expected = sum(r.length for r in runs)
+    if hashlib.sha256(compressed).digest() != runs[0].sha256:
+        raise ImageError(f"frame {frame_no} (source bytes {runs[0].src_offset}.."
+                         f"{runs[-1].src_offset + runs[-1].length}, image bytes "
+                         f"{runs[0].data_offset}+{len(compressed)}) fails its sha256 check: "
+                         "the image is corrupt")
     try:
         payload = _decompressor().decompress(compressed, max_output_size=expected)
     except zstandard.ZstdError as exc:
@@ -59,12 +65,6 @@ def _unpack(frame_no: int, compressed: bytes, runs: list[Chunk]) -> bytes:
                          f"is corrupt: {exc}") from None
     if len(payload) != expected:
         raise ImageError(f"frame {frame_no} holds {len(payload)} bytes, the index says {expected}")
-    pos = 0
-    for run in runs:
-        if hashlib.sha256(payload[pos:pos + run.length]).digest() != run.sha256:
-            raise ImageError(f"chunk at source offset {run.src_offset} ({run.length} bytes, "
-                             f"frame {frame_no}) fails its sha256 check: the image is corrupt")
-        pos += run.length
     return payload
 
 
@@ -156,7 +156,7 @@ def deploy(store: ImageStore, name: str, kind: str, target: str,
             "mb_per_s": round(size / 2**20 / max(elapsed, 1e-6), 1)}
 
 
-def _write_image(fd: int, data_path, chunks: list[Chunk], size: int, report, cancelled):
+def _write_image(fd: int, data_path, chunks: Iterator[Chunk], size: int, report, cancelled):
     progress = Progress(size, report, "deployed")
     zeroer = _Zeroer(fd)
     hasher = _Hasher()

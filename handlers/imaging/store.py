@@ -31,9 +31,10 @@ from typing import Any, Iterator
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 FORMAT = "dsagent-image/1"
-INDEX_MAGIC = b"DSIDX001"
-INDEX_HEADER = struct.Struct("<8sIIQQ")          # magic, chunk_size, record_size, count, reserved
-INDEX_RECORD = struct.Struct("<QIIQII32s")       # src_offset, length, flags, data_offset, comp_len, reserved, sha256
+INDEX_MAGIC = b"DSIDX002"
+INDEX_RECORD = struct.Struct("<QIIQII32s")   # src_offset, length, flags, frame offset, frame length, reserved, frame sha256
+INDEX_TRAILER = struct.Struct("<8sIIQQ")     # magic, frame_bytes, record_size, count, reserved
+INDEX_READ = 4096 * INDEX_RECORD.size
 KINDS = ("capture", "backup")
 
 
@@ -50,13 +51,13 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One stored run of source bytes."""
+    """One stored run of source bytes, and the frame that holds it."""
 
     src_offset: int
     length: int
-    data_offset: int
-    comp_length: int
-    sha256: bytes
+    data_offset: int    # where its frame starts in data.zst
+    comp_length: int    # the frame's length
+    sha256: bytes       # the frame's sha256 (as stored, compressed)
 
 
 def fsync_dir(path: Path) -> None:
@@ -166,33 +167,72 @@ class ImageVersion:
     def kind(self) -> str:
         return self.meta["kind"]
 
-    def chunks(self) -> list[Chunk]:
-        """The chunk index, checked against the metadata's image_sha256."""
-        raw = (self.dir / "index.bin").read_bytes()
-        if hashlib.sha256(raw).hexdigest() != self.meta.get("image_sha256"):
-            raise ImageError(f"{self.dir}/index.bin does not match the image checksum "
-                             "(corrupt or altered index)")
-        return list(read_index(raw))
+    def chunks(self) -> Iterator[Chunk]:
+        """Stream the index, after checking it against the metadata's image_sha256."""
+        path = self.dir / "index.bin"
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != self.meta.get("image_sha256"):
+            raise ImageError(f"{path} does not match the image checksum (corrupt or altered index)")
+        return read_index(path)
 
     def close(self) -> None:
         self._meta_fh.close()
 
 
-def pack_index(chunk_size: int, chunks: list[Chunk]) -> bytes:
-    parts = [INDEX_HEADER.pack(INDEX_MAGIC, chunk_size, INDEX_RECORD.size, len(chunks), 0)]
-    parts += [INDEX_RECORD.pack(c.src_offset, c.length, 0, c.data_offset, c.comp_length, 0, c.sha256)
-              for c in chunks]
-    return b"".join(parts)
+class IndexWriter:
+    """Writes index.bin record by record (memory stays flat however many runs),
+    with a running sha256 that becomes the image's checksum."""
+
+    def __init__(self, path: Path, frame_bytes: int):
+        self.path = path
+        self.frame_bytes = frame_bytes
+        self._fh = open(path, "wb")
+        self._sha = hashlib.sha256()
+        self.count = 0
+        self.stored = 0
+
+    def add(self, chunk: Chunk) -> None:
+        record = INDEX_RECORD.pack(chunk.src_offset, chunk.length, 0, chunk.data_offset,
+                                   chunk.comp_length, 0, chunk.sha256)
+        self._fh.write(record)
+        self._sha.update(record)
+        self.count += 1
+        self.stored += chunk.length
+
+    def finish(self) -> str:
+        """Append the trailer, fsync; return the sha256 of the whole file."""
+        trailer = INDEX_TRAILER.pack(INDEX_MAGIC, self.frame_bytes, INDEX_RECORD.size, self.count, 0)
+        self._fh.write(trailer)
+        self._sha.update(trailer)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._fh.close()
 
 
-def read_index(raw: bytes) -> Iterator[Chunk]:
-    if len(raw) < INDEX_HEADER.size:
-        raise ImageError("index.bin is truncated")
-    magic, _chunk_size, record_size, count, _ = INDEX_HEADER.unpack_from(raw)
-    if magic != INDEX_MAGIC or record_size != INDEX_RECORD.size:
-        raise ImageError("index.bin has an unknown format")
-    if len(raw) != INDEX_HEADER.size + count * record_size:
-        raise ImageError("index.bin is truncated")
-    for src, length, _flags, data_off, comp_len, _res, digest in INDEX_RECORD.iter_unpack(
-            raw[INDEX_HEADER.size:]):
-        yield Chunk(src, length, data_off, comp_len, digest)
+def read_index(path: Path) -> Iterator[Chunk]:
+    """The records of index.bin, streamed (the trailer is checked first)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size < INDEX_TRAILER.size:
+            raise ImageError(f"{path} is truncated")
+        fh.seek(size - INDEX_TRAILER.size)
+        magic, _frame, record_size, count, _ = INDEX_TRAILER.unpack(fh.read(INDEX_TRAILER.size))
+        if magic != INDEX_MAGIC or record_size != INDEX_RECORD.size:
+            raise ImageError(f"{path} has an unknown format")
+        if size != INDEX_TRAILER.size + count * record_size:
+            raise ImageError(f"{path} is truncated")
+        fh.seek(0)
+        left = count * record_size
+        while left:
+            block = fh.read(min(INDEX_READ, left))
+            left -= len(block)
+            for src, length, _flags, data_off, comp_len, _res, digest in \
+                    INDEX_RECORD.iter_unpack(block):
+                yield Chunk(src, length, data_off, comp_len, digest)
