@@ -98,7 +98,7 @@ class CTA:
         self.listener = socket.create_server(self.listen, backlog=64)
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept_wakeups, name="wake-listener", daemon=True).start()
-        threading.Thread(target=self.pool.prestart, name="prestart", daemon=True).start()
+        self.pool.prestart()  # from the main thread: workers die with the thread that made them
         self._recover()
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scheduler.add_job(self.wake, "interval", seconds=self.poll_interval,

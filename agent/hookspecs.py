@@ -54,7 +54,8 @@ def dsagent_run_task(task: "Task", ctx: "TaskContext") -> dict[str, Any] | None:
 
     Called after validation, in the ``running`` state. Report progress with
     ``ctx.progress(percent, message, **details)``. Return a JSON-able dict of
-    details (or None) for ``succeeded``; raise
+    details (or None) for ``succeeded`` (a ``warning`` key in it also becomes
+    the succeeded event's message); raise
     :class:`agent.errors.TaskFailed` to fail with a message and details. Any
     other exception fails the task and is logged with its traceback.
     """

@@ -153,9 +153,11 @@ class Worker:
             self.current = task
             try:
                 details = self.registry.run(task, ctx)
-                result = {"state": "succeeded", "message": "", "details": details or {}}
-                if not isinstance(result["details"], dict):
-                    result["details"] = {"result": result["details"]}
+                if not isinstance(details, dict):
+                    details = {} if details is None else {"result": details}
+                # a succeeded task's message is its warning, if it has one (§4)
+                result = {"state": "succeeded", "message": str(details.get("warning") or ""),
+                          "details": details}
             except TaskFailed as exc:
                 result = {"state": "failed", "message": str(exc), "details": exc.details}
             except BaseException as exc:  # noqa: BLE001 - a handler must not kill the worker

@@ -135,16 +135,26 @@ class WorkerPool:
         self._closed = False
 
     def prestart(self) -> None:
-        """Start ``size`` workers now so the first tasks find them ready."""
+        """Start ``size`` workers now so the first tasks find them ready.
+
+        The processes are started by the calling thread, which must live as
+        long as the pool: a worker asks Linux to kill it when the *thread*
+        that started it exits (PR_SET_PDEATHSIG). Waiting for them to be
+        ready happens in the background.
+        """
         workers = [WorkerProcess() for _ in range(self.size)]
-        for worker in workers:
-            try:
-                worker.wait_ready()
-            except WorkerDied as exc:
-                log.error("%s", exc)
-                worker.kill_tree()
-                continue
-            self.release(worker)
+
+        def wait_ready() -> None:
+            for worker in workers:
+                try:
+                    worker.wait_ready()
+                except WorkerDied as exc:
+                    log.error("%s", exc)
+                    worker.kill_tree()
+                    continue
+                self.release(worker)
+
+        threading.Thread(target=wait_ready, name="workers-ready", daemon=True).start()
 
     def acquire(self) -> WorkerProcess:
         with self._lock:

@@ -299,3 +299,17 @@ def test_cta_crash_leaves_no_handler_process_running(make_chain):
     chain.tickle()
     assert chain.wait([task], 20)
     assert "interrupted" in chain.events(task)[-1]["message"]
+
+
+def test_prestarted_workers_stay_alive(make_chain):
+    """Workers die with the thread that started them (PR_SET_PDEATHSIG), so
+    they must be started by a thread that lives as long as the CTA."""
+    chain = make_chain(max_concurrent_tasks=2)
+    time.sleep(1.5)
+    workers = [p for p in chain.child("cta").children() if p.status() != "zombie"]
+    assert len(workers) == 2
+    pids = {p.pid for p in workers}
+    task = chain.queue("RunScript", {"script": "true"})
+    chain.tickle()
+    assert chain.wait([task], 15)
+    assert {p.pid for p in chain.child("cta").children()} == pids  # reused, not replaced
