@@ -143,7 +143,23 @@ def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",)) 
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    return check_config(raw, path, require)
+    config = check_config(raw, path, require)
+    _check_mode(path, config)
+    return config
+
+
+SECRET_KEYS = (("agent", "token"), ("agent", "tickle_key"), ("agent", "enrollment_key"))
+
+
+def _check_mode(path: str, config: "Config") -> None:
+    """Refuse a config holding secrets that other users can read (SECURITY.md)."""
+    secrets = [f"[{s}] {k}" for s, k in SECRET_KEYS if config.sections.get(s, {}).get(k)]
+    if not secrets:
+        return
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path}: holds secrets ({', '.join(secrets)}) but its mode is "
+                          f"{mode:04o}, readable by other users; run: chmod 600 {path}")
 
 
 def check_config(raw: dict, path: str, require: tuple[str, ...] = ("agent",)) -> Config:

@@ -32,9 +32,10 @@ preboot_store = "/srv/preboot"
 """
 
 
-def write(tmp_path, text):
+def write(tmp_path, text, mode=0o600):
     path = tmp_path / "agent.toml"
     path.write_text(text)
+    path.chmod(mode)
     return path
 
 
@@ -96,3 +97,16 @@ def test_fuzz_config_only_raises_config_error(raw):
         check_config(raw, "fuzz.toml")
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_config_with_secrets_readable_by_others_is_refused(tmp_path, mode):
+    path = write(tmp_path, GOOD.format(state=tmp_path), mode)
+    with pytest.raises(ConfigError, match=r"holds secrets \(\[agent\] token, \[agent\] tickle_key\)"
+                                          r".*chmod 600"):
+        load_config(path)
+
+
+def test_config_without_secrets_may_be_world_readable(tmp_path):
+    path = write(tmp_path, "[handlers]\nrun_script = false\n", 0o644)
+    assert load_config(path, require=()).handlers["run_script"] is False

@@ -435,6 +435,7 @@ def _write_config(tmp_path: Path, port: int, cta_port: int, *, registered=True, 
         f'[agent]\nserver_url = "http://127.0.0.1:9"\nstate_dir = "{state}"\n{creds}\n'
         f'[objecthost]\nlisten = "127.0.0.1:{port}"\n{extra}\n'
         f'[cta]\nlisten = "127.0.0.1:{cta_port}"\n')
+    path.chmod(0o600)  # it holds secrets: the agent refuses it readable by others
     return path
 
 
