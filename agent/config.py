@@ -10,6 +10,8 @@ Extensions to §6 (documented in docs/config.md):
 - ``[handlers] sbs_wake_command``: run after an SBS file is written, to wake
   the PXE Interface service (the seed's Windows event); unset: nothing runs.
 - ``[handlers] preboot_keep_versions``: BootWiz versions kept for rollback.
+- ``[handlers] max_memory_mb``: address-space limit of a handler worker and
+  its children (RLIMIT_AS; 0 = none), so a leaking handler fails alone.
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
 (mode 0600) and used when the config itself has no token.
 """
@@ -53,6 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "run_script": (bool, True),
         "sbs_wake_command": (str, None),
         "preboot_keep_versions": (int, 3),
+        "max_memory_mb": (int, 4096),
     },
 }
 

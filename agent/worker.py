@@ -148,6 +148,7 @@ class Worker:
                 self.channel.send({"op": "progress", "percent": percent,
                                    "message": message, "details": details})
 
+            _limit_memory(config.get("max_memory_mb"))
             ctx = TaskContext(task, config, send_progress,
                               logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")))
             self.current = task
@@ -160,6 +161,11 @@ class Worker:
                           "details": details}
             except TaskFailed as exc:
                 result = {"state": "failed", "message": str(exc), "details": exc.details}
+            except MemoryError:
+                log.error("handler '%s' ran out of memory running %s", registered.plugin, task.type)
+                result = {"state": "failed", "details": {},
+                          "message": f"handler '{registered.plugin}' ran out of memory (limit "
+                                     f"[handlers] max_memory_mb = {config.get('max_memory_mb')})"}
             except BaseException as exc:  # noqa: BLE001 - a handler must not kill the worker
                 if isinstance(exc, KeyboardInterrupt):
                     raise
@@ -171,6 +177,21 @@ class Worker:
             finally:
                 self.current = None
             self.channel.send({"op": "done", **result})
+
+
+def _limit_memory(megabytes) -> None:
+    """Cap the worker's (and its children's) address space: a leaking handler
+    gets MemoryError instead of dragging the machine into swap or the OOM killer."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = resource.RLIM_INFINITY if not megabytes else megabytes * 2**20
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+        soft = hard
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot set the memory limit: %s", exc)
 
 
 def main() -> None:

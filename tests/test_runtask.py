@@ -133,3 +133,21 @@ def test_leftover_and_escaped_processes_are_killed(tmp_path):
     assert events[-1]["details"]["stdout_tail"] == "done\n"
     left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     assert left == []
+
+
+def test_memory_limit_contains_a_leaking_handler(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[handlers]\nmax_memory_mb = 768\n")
+    hog, after = str(uuid.uuid4()), str(uuid.uuid4())
+    eater = "b=[]\nwhile True: b.append(bytearray(50*2**20))"
+    script = str(uuid.uuid4())
+    result, events = run_task(tmp_path, task("Example.Hog", task_id=hog),
+                              task("RunScript", {"script": eater, "interpreter": sys.executable},
+                                   task_id=script),
+                              task("Example.Echo", {"text": "still here"}, task_id=after),
+                              extra=["--config", str(config)])
+    final = {e["task_id"]: e for e in events if e["state"] in ("succeeded", "failed")}
+    assert final[hog]["state"] == "failed"
+    assert "ran out of memory (limit [handlers] max_memory_mb = 768)" in final[hog]["message"]
+    assert final[script]["state"] == "failed" and "MemoryError" in final[script]["details"]["stderr_tail"]
+    assert final[after]["state"] == "succeeded"  # the same worker goes on serving

@@ -3,6 +3,7 @@
 - ``Example.Echo``: returns its ``text`` parameter reversed, with progress.
 - ``Example.Sleep``: sleeps ``seconds`` (used to test timeouts and cancels).
 - ``Example.Crash``: kills its own worker process (tests containment).
+- ``Example.Hog``: allocates memory until it runs out (tests the memory limit).
 """
 
 import os
@@ -21,6 +22,7 @@ def dsagent_task_types(register):
     register(TaskType("Example.Echo", default_timeout=60, description="reverse the text parameter"))
     register(TaskType("Example.Sleep", default_timeout=60, description="sleep N seconds"))
     register(TaskType("Example.Crash", default_timeout=60, description="kill its worker"))
+    register(TaskType("Example.Hog", default_timeout=60, description="eat memory until refused"))
 
 
 @hookimpl
@@ -49,6 +51,10 @@ def dsagent_run_task(task, ctx):
         return {"slept": float(task.parameters["seconds"])}
     if task.type == "Example.Crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if task.type == "Example.Hog":
+        hog = []
+        while True:
+            hog.append(bytearray(64 * 2**20))
 
 
 @hookimpl
