@@ -79,7 +79,10 @@ class CTA:
         self.notifier = Notifier(config.state_dir)
         self.recorder = OutboxRecorder(self.db, self.notifier)
         self.pool = WorkerPool(self.max_tasks)
-        self.executor = ThreadPoolExecutor(self.max_tasks, thread_name_prefix="task")
+        # twice as many threads as handler slots: a thread committing a finished
+        # task's terminal event does not hold up the next task (the pool caps
+        # running handlers at max_concurrent_tasks)
+        self.executor = ThreadPoolExecutor(2 * self.max_tasks, thread_name_prefix="task")
         self.hop_key = load_hop_key(config.state_dir, create=True)
         self.draining = threading.Event()   # start no new task
         self.stopping = threading.Event()   # cancel running tasks

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 import time
 from typing import Any, Protocol
 
@@ -28,13 +29,25 @@ class Recorder(Protocol):
                message: str = "", details: dict[str, Any] | None = None) -> None: ...
 
 
+@dataclass
+class Outcome:
+    """How a task ended, before it is recorded."""
+
+    state: str
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+    progress: float | None = None
+
+
 def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: dict[str, Any],
             drain: threading.Event | None = None, stop: threading.Event | None = None) -> str:
     """Run ``task`` (already ``received``) to a terminal state; return that state.
 
     If ``drain`` is set before the handler starts, the task is left
     ``received`` (a restarted CTA runs it) and "received" is returned; if
-    ``stop`` is set while it runs, it is cancelled.
+    ``stop`` is set while it runs, it is cancelled. The worker goes back to
+    the pool *before* the terminal event is committed, so the next task can
+    start while that fsync runs (its own `running` commit then shares it).
     """
     drain = drain or threading.Event()
     stop = stop or threading.Event()
@@ -44,14 +57,15 @@ def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: di
         try:
             worker = pool.acquire()
         except (WorkerDied, OSError) as exc:
-            return _finish(recorder, task, "failed", f"could not start a worker process: {exc}")
+            return _finish(recorder, task, Outcome("failed",
+                                                   f"could not start a worker process: {exc}"))
         try:
-            state = _converse(task, worker, recorder, handler_config, drain, stop)
+            outcome = _converse(task, worker, recorder, handler_config, drain, stop)
         except WorkerDied as exc:
             pool.discard(worker)
             phase = "running" if worker.running else "validating"
             log.error("%s while %s the task", exc, phase)
-            return _finish(recorder, task, "failed", f"{exc} while {phase} the task")
+            return _finish(recorder, task, Outcome("failed", f"{exc} while {phase} the task"))
         except BaseException:
             pool.discard(worker)
             raise
@@ -59,33 +73,37 @@ def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: di
             pool.release(worker)
         else:
             pool.discard(worker)
-        return state
+        if outcome is None:
+            return "received"
+        return _finish(recorder, task, outcome)
 
 
-def _finish(recorder: Recorder, task: Task, state: str, message: str,
-            details: dict[str, Any] | None = None, progress: float | None = None) -> str:
-    recorder.record(task, state, message=message, details=details, progress=progress)
-    log.info("task %s (%s) %s%s", task.id, task.type, state, f": {message}" if message else "")
-    return state
+def _finish(recorder: Recorder, task: Task, outcome: Outcome) -> str:
+    recorder.record(task, outcome.state, message=outcome.message, details=outcome.details,
+                    progress=outcome.progress)
+    log.info("task %s (%s) %s%s", task.id, task.type, outcome.state,
+             f": {outcome.message}" if outcome.message else "")
+    return outcome.state
 
 
 def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, Any],
-              drain: threading.Event, stop: threading.Event) -> str:
+              drain: threading.Event, stop: threading.Event) -> Outcome | None:
+    """Validate and run the task in ``worker``; None if left for the next start."""
     worker.running = worker.dirty = False
     worker.send({"op": "task", "task": task.to_json(), "config": handler_config})
     answer = worker.recv(VALIDATE_TIMEOUT_S)
     if answer is None:
         worker.dirty = True
-        return _finish(recorder, task, "failed",
-                       f"handler did not validate the task within {VALIDATE_TIMEOUT_S:.0f} s")
+        return Outcome("failed", f"handler did not validate the task within "
+                                 f"{VALIDATE_TIMEOUT_S:.0f} s")
     if answer["op"] == "invalid":
-        return _finish(recorder, task, "failed", str(answer.get("message", "invalid task")))
+        return Outcome("failed", str(answer.get("message", "invalid task")))
     if answer["op"] != "valid":
         raise WorkerDied(f"worker {worker.pid} answered {answer['op']!r} to a task")
     if drain.is_set():
         worker.send({"op": "skip"})
         log.info("agent stopping; task %s left for the next start", task.id)
-        return "received"
+        return None
     timeout = float(task.timeout or answer.get("timeout") or DEFAULT_TIMEOUT_S)
     recorder.record(task, "running", message=f"started (timeout {timeout:.0f} s)")
     log.info("task %s (%s) running in worker %s", task.id, task.type, worker.pid)
@@ -95,10 +113,10 @@ def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, 
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            return _abort(task, worker, recorder, "timed_out",
-                          f"timed out after {timeout:.0f} s; handler stopped")
+            return _abort(worker, Outcome("timed_out",
+                                          f"timed out after {timeout:.0f} s; handler stopped"))
         if stop.is_set():
-            return _abort(task, worker, recorder, "cancelled", "agent shutting down; task cancelled")
+            return _abort(worker, Outcome("cancelled", "agent shutting down; task cancelled"))
         message = worker.recv(min(left, 0.5))
         if message is None:
             continue
@@ -110,17 +128,16 @@ def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, 
             state = message.get("state")
             if state not in ("succeeded", "failed"):
                 raise WorkerDied(f"worker {worker.pid} reported state {state!r}")
-            return _finish(recorder, task, state, str(message.get("message") or ""),
+            return Outcome(state, str(message.get("message") or ""),
                            _as_dict(message.get("details")),
-                           progress=100.0 if state == "succeeded" else None)
+                           100.0 if state == "succeeded" else None)
         else:
             raise WorkerDied(f"worker {worker.pid} sent {message['op']!r} while running")
 
 
-def _abort(task: Task, worker, recorder: Recorder, state: str, message: str) -> str:
-    """Cancel politely, then kill the worker's process tree; report ``state``."""
+def _abort(worker, outcome: Outcome) -> Outcome:
+    """Cancel politely, then kill the worker's process tree; the task ends as ``outcome``."""
     worker.dirty = True
-    details: dict[str, Any] = {}
     try:
         worker.send({"op": "cancel"})
         deadline = time.monotonic() + CANCEL_GRACE_S
@@ -129,12 +146,12 @@ def _abort(task: Task, worker, recorder: Recorder, state: str, message: str) -> 
             if reply is None:
                 break
             if reply["op"] == "done":
-                details = _as_dict(reply.get("details"))
+                outcome.details = _as_dict(reply.get("details"))
                 break
     except WorkerDied:
         pass
     worker.kill_tree()
-    return _finish(recorder, task, state, message, details)
+    return outcome
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

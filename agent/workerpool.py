@@ -126,12 +126,14 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    """Idle workers kept warm; ``acquire`` gives one, ``release`` takes it back."""
+    """At most ``size`` workers in use at once (``acquire`` blocks beyond
+    that), idle ones kept warm for the next task."""
 
     def __init__(self, size: int):
         self.size = size
         self._idle: list[WorkerProcess] = []
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
         self._closed = False
 
     def prestart(self) -> None:
@@ -152,34 +154,47 @@ class WorkerPool:
                     log.error("%s", exc)
                     worker.kill_tree()
                     continue
-                self.release(worker)
+                self._park(worker)
 
         threading.Thread(target=wait_ready, name="workers-ready", daemon=True).start()
 
     def acquire(self) -> WorkerProcess:
-        with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
-                if worker.alive():
-                    return worker
-                worker.kill_tree()
-        worker = WorkerProcess()
+        """A ready worker (waiting for a free slot); call from a long-lived thread."""
+        self._slots.acquire()
         try:
-            worker.wait_ready()
-        except WorkerDied:
-            worker.kill_tree()
+            with self._lock:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.alive():
+                        return worker
+                    worker.kill_tree()
+            worker = WorkerProcess()
+            try:
+                worker.wait_ready()
+            except WorkerDied:
+                worker.kill_tree()
+                raise
+            return worker
+        except BaseException:
+            self._slots.release()
             raise
-        return worker
 
-    def release(self, worker: WorkerProcess) -> None:
+    def _park(self, worker: WorkerProcess) -> None:
         with self._lock:
             if not self._closed and worker.alive() and len(self._idle) < self.size:
                 self._idle.append(worker)
                 return
         worker.stop()
 
+    def release(self, worker: WorkerProcess) -> None:
+        """Give a healthy worker back after its task."""
+        self._park(worker)
+        self._slots.release()
+
     def discard(self, worker: WorkerProcess) -> None:
+        """Kill a worker that timed out, died or misbehaved, and free its slot."""
         worker.kill_tree()
+        self._slots.release()
 
     def close(self) -> None:
         with self._lock:
