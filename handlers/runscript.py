@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import collections
 import os
+import selectors
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
+import time
 
 from agent import __version__, hookimpl
 from agent.errors import BadParameters, TaskFailed
@@ -26,6 +27,7 @@ TAIL_BYTES = 4096
 PARAMETERS = {"script", "interpreter"}
 
 TMP_PREFIX = "dsagent-runscript-"
+DRAIN_S = 1.0  # output read after the script exits, at most
 
 _running: dict[str, subprocess.Popen] = {}
 
@@ -68,11 +70,41 @@ def dsagent_validate_task(task, config):
         raise BadParameters(f"interpreter {interpreter} is not an executable file on this machine")
 
 
-def _tail(stream, into: collections.deque) -> None:
-    for chunk in iter(lambda: stream.read(8192), b""):
-        into.append(chunk)
-        while sum(map(len, into)) - len(into[0]) >= TAIL_BYTES:
-            into.popleft()
+def _collect(proc: subprocess.Popen) -> tuple[int, collections.deque, collections.deque]:
+    """Wait for the script while keeping the last TAIL_BYTES of its output.
+
+    One thread, select() on both pipes. After the script exits, what it left
+    in its process group is killed, and output is drained for at most
+    DRAIN_S: a process that escaped the group (setsid) and still holds the
+    pipes must not keep the task open (the subreaper kills it).
+    """
+    tails = {proc.stdout: collections.deque(), proc.stderr: collections.deque()}
+    sel = selectors.DefaultSelector()
+    for stream in tails:
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream, selectors.EVENT_READ)
+    exited_at = None
+    try:
+        while sel.get_map():
+            for key, _ in sel.select(timeout=0.2):
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                into = tails[key.fileobj]
+                into.append(chunk)
+                while sum(map(len, into)) - len(into[0]) >= TAIL_BYTES:
+                    into.popleft()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+                _kill_group(proc.pid)  # what the script left running in its group
+            if exited_at is not None and time.monotonic() - exited_at > DRAIN_S:
+                break
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    return proc.wait(), tails[proc.stdout], tails[proc.stderr]
 
 
 def _text(chunks: collections.deque) -> str:
@@ -91,16 +123,8 @@ def dsagent_run_task(task, ctx):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, env=env, cwd=tmp)
         _running[task.id] = proc
-        out, err = collections.deque(), collections.deque()
-        readers = [threading.Thread(target=_tail, args=(proc.stdout, out), daemon=True),
-                   threading.Thread(target=_tail, args=(proc.stderr, err), daemon=True)]
-        for reader in readers:
-            reader.start()
         try:
-            code = proc.wait()
-            _kill_group(proc.pid)  # what the script left running in its group
-            for reader in readers:
-                reader.join()
+            code, out, err = _collect(proc)
         finally:
             _running.pop(task.id, None)
     details = {"exit_code": code, "stdout_tail": _text(out), "stderr_tail": _text(err)}

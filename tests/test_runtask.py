@@ -126,8 +126,8 @@ def test_unreadable_document_or_config_exit_2(tmp_path):
 def test_leftover_and_escaped_processes_are_killed(tmp_path):
     marker = uuid.uuid4().hex
     script = (f"sh -c 'sleep 300; : {marker}' & "            # left in the script's group
-              f"setsid sh -c 'sleep 301; : {marker}' & "     # escaped into its own session
-              "echo done")
+              f"setsid sh -c 'sleep 301; : {marker}' & "     # escaped, holding our stdout
+              "sleep 0.3; echo done")  # let it escape before the script exits
     result, events = run_task(tmp_path, task("RunScript", {"script": script}, timeout=30))
     assert states(events) == ["received", "running", "succeeded"]
     assert events[-1]["details"]["stdout_tail"] == "done\n"
