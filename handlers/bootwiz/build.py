@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from xml.sax.saxutils import quoteattr
 
+from ..durable import fsync_dir
 from .cpio import CHUNK, CpioError, InitrdInfo, NewcWriter, Output, scan_initrd
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -97,14 +98,6 @@ def _oserror(exc: OSError, doing: str) -> str:
         what = "read-only file system"
     name = f" ({exc.filename})" if exc.filename else ""
     return f"{doing}: {what}{name}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> datetime:
@@ -439,7 +432,7 @@ def switch_current(config_dir: str, version: str) -> None:
         except OSError:
             pass
         raise
-    _fsync_dir(config_dir)
+    fsync_dir(config_dir)
 
 
 def remove_version(config_dir: str, version: str) -> None:
@@ -763,7 +756,7 @@ def build_version(req: Request, folder: str, version: str, checked: Checked, mom
     os.mkdir(os.path.join(folder, "pxelinux.cfg"), 0o755)
     _write_file(os.path.join(folder, "pxelinux.cfg", "default"),
                 pxelinux_default(req.config, version, kernel_rel, initrd_rel).encode())
-    _fsync_dir(os.path.join(folder, "pxelinux.cfg"))
+    fsync_dir(os.path.join(folder, "pxelinux.cfg"))
     by_package: dict[str, list[dict[str, Any]]] = {pid: [] for pid in req.drivers}
     for item in files:
         entry = {"path": item.path, "sha256": item.sha256, "size": item.size,
@@ -790,7 +783,7 @@ def build_version(req: Request, folder: str, version: str, checked: Checked, mom
     }
     _write_file(os.path.join(folder, "manifest.json"),
                 (json.dumps(manifest, indent=2) + "\n").encode())
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return manifest
 
 
@@ -845,7 +838,7 @@ def rebuild(req: Request, report: Report, cancelled: Callable[[], bool] = lambda
                 _remove_tree(tmp)
                 raise
             try:
-                _fsync_dir(config_dir)
+                fsync_dir(config_dir)
                 report(96, f"switching {req.config}/current to {version}")
                 switch_current(config_dir, version)
                 switched = True
@@ -949,7 +942,7 @@ def write_update_sbs(sbs_dir: str, payload: bytes) -> str:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-        _fsync_dir(sbs_dir)
+        fsync_dir(sbs_dir)
         return final
     raise FileExistsError(errno.EEXIST, "no free update file name", sbs_dir)
 

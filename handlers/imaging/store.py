@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..durable import write_atomic
+
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 FORMAT = "dsagent-image/1"
 INDEX_MAGIC = b"DSIDX002"
@@ -58,25 +60,6 @@ class Chunk:
     data_offset: int    # where its frame starts in data.zst
     comp_length: int    # the frame's length
     sha256: bytes       # the frame's sha256 (as stored, compressed)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class ImageStore:
