@@ -66,8 +66,9 @@ def dsagent_cancel_task(task: "Task") -> None:
     """Ask a running task to stop (optional).
 
     Called from another thread of the worker while ``dsagent_run_task`` is
-    running, when the task timed out or the agent is shutting down. Make
-    ``dsagent_run_task`` return or raise soon. If it has not stopped after a
+    running, when the task timed out or the agent is shutting down (just
+    after ``ctx.cancelled()`` turns True, which a handler may poll instead).
+    Make ``dsagent_run_task`` return or raise soon. If it has not stopped after a
     short grace period, the worker and its whole process tree are killed.
     Returns nothing.
     """

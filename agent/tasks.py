@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -51,7 +52,15 @@ class TaskContext:
         self._send = send_progress
         self._last_pct: float | None = None
         self._last_at = 0.0
-        self.cancelled = False
+        self._cancel = threading.Event()
+
+    def cancelled(self) -> bool:
+        """True once the task was asked to stop (timeout, shutdown): long
+        handlers can poll this instead of implementing dsagent_cancel_task."""
+        return self._cancel.is_set()
+
+    def request_cancel(self) -> None:
+        self._cancel.set()
 
     def progress(self, percent: float | None = None, message: str = "", **details: Any) -> None:
         """Report progress (0-100 or None) with an optional message and details."""

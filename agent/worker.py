@@ -94,12 +94,15 @@ class Worker:
         self.registry = load_handlers()
         self.task_context = task_context
         self.current = None
+        self.current_ctx = None
         self.commands: "queue.Queue[dict | None]" = queue.Queue()
 
     def cancel_current(self) -> None:
-        task = self.current
+        task, ctx = self.current, self.current_ctx
         if task is None:
             return
+        if ctx is not None:
+            ctx.request_cancel()
         with self.task_context(task.id):
             log.info("cancel requested")
             try:
@@ -151,7 +154,7 @@ class Worker:
             _limit_memory(config.get("max_memory_mb"))
             ctx = TaskContext(task, config, send_progress,
                               logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")))
-            self.current = task
+            self.current, self.current_ctx = task, ctx
             try:
                 details = self.registry.run(task, ctx)
                 if not isinstance(details, dict):
@@ -175,7 +178,7 @@ class Worker:
                           "message": f"handler '{registered.plugin}' raised "
                                      f"{type(exc).__name__}: {exc}"}
             finally:
-                self.current = None
+                self.current = self.current_ctx = None
             self.channel.send({"op": "done", **result})
 
 

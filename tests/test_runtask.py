@@ -151,3 +151,10 @@ def test_memory_limit_contains_a_leaking_handler(tmp_path):
     assert "ran out of memory (limit [handlers] max_memory_mb = 768)" in final[hog]["message"]
     assert final[script]["state"] == "failed" and "MemoryError" in final[script]["details"]["stderr_tail"]
     assert final[after]["state"] == "succeeded"  # the same worker goes on serving
+
+
+def test_handler_polling_ctx_cancelled_stops_on_timeout(tmp_path):
+    result, events = run_task(tmp_path, task("Example.Poll", timeout=1))
+    assert states(events) == ["received", "running", "timed_out"]
+    assert events[-1]["details"]["rounds"] > 10  # it stopped by itself and said so
+    assert result.returncode == 1

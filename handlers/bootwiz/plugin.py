@@ -92,7 +92,8 @@ def dsagent_run_task(task, ctx):
     ctx.log.info("%s/%s built, current switched from %s", req.config, details["version"],
                  details["previous"])
     if details.get("warnings"):
-        ctx.log.warning("%s", "; ".join(details["warnings"]))
+        details["warning"] = "; ".join(details["warnings"])  # also the succeeded message
+        ctx.log.warning("%s", details["warning"])
     return details
 
 

@@ -4,6 +4,7 @@
 - ``Example.Sleep``: sleeps ``seconds`` (used to test timeouts and cancels).
 - ``Example.Crash``: kills its own worker process (tests containment).
 - ``Example.Hog``: allocates memory until it runs out (tests the memory limit).
+- ``Example.Poll``: works until ``ctx.cancelled()`` (cancel without the hook).
 """
 
 import os
@@ -23,6 +24,7 @@ def dsagent_task_types(register):
     register(TaskType("Example.Sleep", default_timeout=60, description="sleep N seconds"))
     register(TaskType("Example.Crash", default_timeout=60, description="kill its worker"))
     register(TaskType("Example.Hog", default_timeout=60, description="eat memory until refused"))
+    register(TaskType("Example.Poll", default_timeout=60, description="work until cancelled"))
 
 
 @hookimpl
@@ -51,6 +53,12 @@ def dsagent_run_task(task, ctx):
         return {"slept": float(task.parameters["seconds"])}
     if task.type == "Example.Crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if task.type == "Example.Poll":
+        rounds = 0
+        while not ctx.cancelled():
+            rounds += 1
+            threading.Event().wait(0.01)
+        raise TaskFailed("stopped on request", {"rounds": rounds})
     if task.type == "Example.Hog":
         hog = []
         while True:
