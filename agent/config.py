@@ -63,7 +63,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:port``); raise ConfigError if bad."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -146,6 +147,8 @@ def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",)) 
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
     config = check_config(raw, path, require)
     _check_mode(path, config)
     return config

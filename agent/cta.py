@@ -22,6 +22,7 @@ import random
 import selectors
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -44,19 +45,46 @@ from .workerpool import WorkerPool
 log = logging.getLogger("dsagent.cta")
 
 SHUTDOWN_GRACE_S = 10.0
+TICKLE_PULL_GAP_S = 1.0   # while backing off, tickles still pull, at most once a second
+SKIPPED_LOG_LINES = 20   # per pulled document; the rest are counted
 PRUNE_AFTER_S = 7 * 24 * 3600
 
 
 class OutboxRecorder:
-    """Records events in the durable outbox, then wakes the uploader."""
+    """Records events in the durable outbox, then wakes the uploader.
 
-    def __init__(self, db: AgentDB, notifier: Notifier):
+    When the state DB cannot be written (disk full, I/O error), a progress
+    event is dropped with a warning, and any other event is retried with
+    backoff until it is on disk: the task waits (its outcome is kept in
+    memory) instead of being lost. Only ``stop`` (shutdown) ends the retries;
+    the next start then reports the task as interrupted.
+    """
+
+    RETRY_MAX_S = 30.0
+
+    def __init__(self, db: AgentDB, notifier: Notifier, stop: threading.Event | None = None):
         self.db = db
         self.notifier = notifier
+        self.stop = stop or threading.Event()
 
     def record(self, task: Task, state: str, *, progress=None, message="", details=None) -> None:
-        self.db.record(task.id, state, task=task if state == "received" else None,
-                       type_name=task.type, progress=progress, message=message, details=details)
+        delay = 1.0
+        while True:
+            try:
+                self.db.record(task.id, state, task=task if state == "received" else None,
+                               type_name=task.type, progress=progress, message=message,
+                               details=details)
+                break
+            except sqlite3.OperationalError as exc:
+                if state == "progress":
+                    log.warning("progress of task %s not recorded: %s", task.id, exc)
+                    return
+                if self.stop.is_set():
+                    raise
+                log.error("cannot record %s of task %s: %s; retrying in %.0f s",
+                          state, task.id, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, self.RETRY_MAX_S)
         self.notifier.notify()
 
 
@@ -77,7 +105,8 @@ class CTA:
         self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
         self.db = AgentDB(db_path(config.state_dir))
         self.notifier = Notifier(config.state_dir)
-        self.recorder = OutboxRecorder(self.db, self.notifier)
+        self.stopping = threading.Event()   # cancel running tasks
+        self.recorder = OutboxRecorder(self.db, self.notifier, self.stopping)
         self.pool = WorkerPool(self.max_tasks)
         # twice as many threads as handler slots: a thread committing a finished
         # task's terminal event does not hold up the next task (the pool caps
@@ -85,8 +114,9 @@ class CTA:
         self.executor = ThreadPoolExecutor(2 * self.max_tasks, thread_name_prefix="task")
         self.hop_key = load_hop_key(config.state_dir, create=True)
         self.draining = threading.Event()   # start no new task
-        self.stopping = threading.Event()   # cancel running tasks
         self.wake_event = threading.Event()
+        self._tickled = threading.Event()   # a wake-up other than the timers since the last pull
+        self._last_pull = 0.0
         self.running: dict[str, Any] = {}
         self._retry_at = 0.0
         self._retry_delay = 0.0
@@ -136,6 +166,8 @@ class CTA:
     def wake(self, why: str = "") -> None:
         if why and why != "poll timer":
             log.debug("wake-up: %s", why)
+        if why not in ("poll timer", "retry"):
+            self._tickled.set()
         self.wake_event.set()
 
     def _accept_wakeups(self) -> None:
@@ -210,12 +242,15 @@ class CTA:
     def _pull_loop(self) -> None:
         while not self.stopping.is_set():
             self.wake_event.wait()
+            self._back_off()
             if self.stopping.is_set():
                 return
             self.wake_event.clear()
+            self._tickled.clear()
+            self._last_pull = time.monotonic()
             try:
                 self.pull_once()
-                self._retry_delay = 0.0
+                self._retry_delay = self._retry_at = 0.0
             except (ServerError, TaskDocumentError) as exc:
                 self._retry_delay = min(max(2 * self._retry_delay, 2.0), self.poll_interval)
                 delay = self._retry_delay * random.uniform(0.8, 1.2)
@@ -225,15 +260,32 @@ class CTA:
                 log.exception("unexpected error while pulling tasks")
                 self._schedule_retry(self.poll_interval)
 
+    def _back_off(self) -> None:
+        """After a failed pull, wait for the retry time: poll-timer wake-ups fold
+        into the retry; a tickle still pulls within TICKLE_PULL_GAP_S (§2: the
+        CTA pulls within 1 s of an accepted tickle), never more often."""
+        while not self.stopping.is_set():
+            not_before = self._retry_at
+            if self._tickled.is_set():
+                not_before = min(not_before, self._last_pull + TICKLE_PULL_GAP_S)
+            wait = not_before - time.monotonic()
+            if wait <= 0:
+                return
+            # woken early by a tickle (or by shutdown, which sets _tickled too)
+            (self.stopping if self._tickled.is_set() else self._tickled).wait(wait)
+
     def _schedule_retry(self, delay: float) -> None:
-        timer = threading.Timer(delay, self.wake, args=("retry",))
-        timer.daemon = True
-        timer.start()
+        """Pull again in ``delay`` s, not sooner (one retry pending, never a pile)."""
+        self._retry_at = time.monotonic() + delay
+        self.wake_event.set()
 
     def pull_once(self) -> None:
         document = parse_client_tasks(self.api.get_tasks(MAX_DOCUMENT_BYTES), self.client_id)
-        for message in document.skipped:
+        for message in document.skipped[:SKIPPED_LOG_LINES]:
             log.warning("task document: %s", message)
+        if len(document.skipped) > SKIPPED_LOG_LINES:
+            log.warning("task document: %d more problem(s) like these not logged",
+                        len(document.skipped) - SKIPPED_LOG_LINES)
         changes: list[Change] = []
         for bad in document.rejected:
             if not self._known(bad.task_id):
@@ -269,7 +321,15 @@ class CTA:
         future = self.executor.submit(execute, task, self.pool, self.recorder,
                                       self.config.handlers, self.draining, self.stopping)
         self.running[task.id] = future
-        future.add_done_callback(lambda _f, tid=task.id: self.running.pop(tid, None))
+        future.add_done_callback(lambda f, tid=task.id: self._done(f, tid))
+
+    def _done(self, future, task_id: str) -> None:
+        self.running.pop(task_id, None)
+        if future.cancelled() or future.exception() is None:
+            return
+        with task_context(task_id):  # never silent: the task may be stuck until a restart
+            log.error("task %s: unexpected error; the task stays as recorded until the "
+                      "agent restarts", task_id, exc_info=future.exception())
 
     # ---- shutdown --------------------------------------------------------
     def shutdown(self) -> None:
@@ -283,6 +343,7 @@ class CTA:
         while self.running and time.monotonic() < deadline:
             time.sleep(0.05)
         self.stopping.set()
+        self._tickled.set()
         self.wake_event.set()
         self.executor.shutdown(wait=True, cancel_futures=False)
         self.pool.close()

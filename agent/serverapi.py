@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import socket
+import time
 import uuid
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -40,8 +41,11 @@ class ServerAPI:
     """Calls to one task server; ``client_id``/``token`` may be set after register()."""
 
     def __init__(self, server_url: str, client_id: str | None = None,
-                 token: str | None = None, timeout: float = 30.0, verify: bool | str = True):
+                 token: str | None = None, timeout: float = 30.0, verify: bool | str = True,
+                 deadline: float | None = None):
         self.server_url = server_url.rstrip("/")
+        # httpx's timeout is per network operation; this bounds a whole exchange
+        self.deadline = 2 * timeout if deadline is None else deadline
         self.client_id = client_id
         self.token = token
         parts = urlsplit(self.server_url)
@@ -50,7 +54,10 @@ class ServerAPI:
                         self.server_url)
         self._http = httpx.Client(base_url=self.server_url, timeout=timeout, verify=verify,
                                   follow_redirects=False,
-                                  headers={"User-Agent": f"dsagent/{__version__}"})
+                                  headers={"User-Agent": f"dsagent/{__version__}",
+                                           # the size caps count bytes as received: no
+                                           # content coding (a zstd/gzip bomb) is accepted
+                                           "Accept-Encoding": "identity"})
 
     def close(self) -> None:
         self._http.close()
@@ -63,13 +70,21 @@ class ServerAPI:
 
     def _request(self, method: str, path: str, limit: int, **kwargs) -> tuple[httpx.Response, bytes]:
         where = f"{method} {self.server_url}{path}"
+        deadline = time.monotonic() + self.deadline
         try:
             with self._http.stream(method, path, **kwargs) as response:
+                coding = response.headers.get("content-encoding", "identity").strip().lower()
+                if coding not in ("", "identity"):
+                    raise ServerError(f"{where}: answer with Content-Encoding {coding!r} refused "
+                                      "(we asked for identity)")
                 body = bytearray()
-                for chunk in response.iter_bytes():
+                for chunk in response.iter_raw():
                     body += chunk
                     if len(body) > limit:
                         raise ServerError(f"{where}: response larger than {limit} bytes; refused")
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"{where}: answer not complete within "
+                                          f"{self.deadline:g} s; refused")
         except httpx.TimeoutException as exc:
             raise ServerError(f"{where}: timed out ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:

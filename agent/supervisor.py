@@ -4,6 +4,11 @@ objecthost, CTA and ctdataloader run as child processes; one that dies is
 logged with its exit status and restarted with backoff (1 s doubling to 30 s,
 reset after a minute of good health). SIGTERM/SIGINT stop the children
 gracefully (SIGTERM, then SIGKILL after a grace period).
+
+The environment variable ``DSAGENT_RESTART_BACKOFF_MAX_S`` (seconds, a float
+> 0, default 30) caps the restart backoff; tests and soaks set it low so a
+killed child is back within a second. A value below 1 s is also the first
+delay.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ log = logging.getLogger("dsagent.supervisor")
 
 CHILDREN = (("objecthost", "objecthost"), ("cta", "agent.cta"), ("ctdataloader", "ctdataloader"))
 BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_ENV = "DSAGENT_RESTART_BACKOFF_MAX_S"
 SWEEP_EVERY_S = 10.0
 HEALTHY_AFTER_S = 60.0
 STOP_GRACE_S = 20.0
@@ -70,9 +76,26 @@ def ensure_registered(config: Config, stop: threading.Event) -> bool:
     return False
 
 
+def restart_backoff_max() -> float:
+    """The restart backoff cap: ``$DSAGENT_RESTART_BACKOFF_MAX_S`` or 30 s."""
+    raw = os.environ.get(BACKOFF_MAX_ENV, "").strip()
+    if not raw:
+        return BACKOFF_MAX_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        log.warning("ignoring %s=%r: not a number of seconds > 0; using %.0f s",
+                    BACKOFF_MAX_ENV, raw, BACKOFF_MAX_S)
+        return BACKOFF_MAX_S
+    return value
+
+
 class Supervisor:
     def __init__(self, config: Config):
         self.config = config
+        self.backoff_max = restart_backoff_max()
         self.children = [Child(name, module) for name, module in CHILDREN]
         self.stop = threading.Event()
         self.next_sweep = 0.0
@@ -95,11 +118,11 @@ class Supervisor:
                 child.backoff = 0.0
             return
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        child.backoff = min(max(child.backoff * 2, 1.0), BACKOFF_MAX_S)
+        child.backoff = min(max(child.backoff * 2, 1.0), self.backoff_max)
         child.restart_at = now + child.backoff
         child.restarts += 1
         child.proc = None
-        log.error("%s %s; restarting in %.0f s (restart #%d)", child.name, how,
+        log.error("%s %s; restarting in %.3g s (restart #%d)", child.name, how,
                   child.backoff, child.restarts)
         self.next_sweep = 0.0  # its handler processes are ours now: kill them at once
 

@@ -105,6 +105,8 @@ def parse_client_tasks(data: bytes | str, client_id: str | None = None,
         raise TaskDocumentError(f"not well-formed XML: {exc}") from None
     except ValueError as exc:  # xmltodict refuses entity declarations this way
         raise TaskDocumentError(f"refused XML: {exc}") from None
+    except LookupError as exc:  # <?xml encoding="..."?> names no (text) codec
+        raise TaskDocumentError(f"refused XML: {exc}") from None
     if not isinstance(doc, dict) or list(doc) != ["ClientTasks"]:
         root = next(iter(doc), None) if isinstance(doc, dict) else None
         raise TaskDocumentError(f"root element is <{root}>, expected <ClientTasks>")
@@ -162,7 +164,7 @@ def _parse_timeout(raw: str | None) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_TIMEOUT_S:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_TIMEOUT_S:
         raise _Refuse(f"timeout {raw!r} is not a whole number of seconds in 1..{MAX_TIMEOUT_S}")
     return int(text)
 

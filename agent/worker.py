@@ -37,12 +37,20 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us if the CTA dies, so no orphan runs on."""
+    """Ask Linux to SIGKILL us if the CTA dies, so no orphan runs on.
+
+    The request only covers a parent that dies *after* it: if the CTA died
+    while this interpreter was starting, we were re-parented already (to the
+    supervisor, a subreaper), so exit at once instead of starting a handler.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    expected = os.environ.get("DSAGENT_WORKER_PARENT")
+    if expected and expected != str(os.getppid()):
+        os._exit(0)
 
 
 class Channel:

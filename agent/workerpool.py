@@ -34,7 +34,8 @@ class WorkerProcess:
     def __init__(self):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, start_new_session=True, bufsize=0)
+            stdout=subprocess.PIPE, start_new_session=True, bufsize=0,
+            env=dict(os.environ, DSAGENT_WORKER_PARENT=str(os.getpid())))
         self.pid = self.proc.pid
         self._buffer = b""
         self._lines: list[bytes] = []

@@ -23,12 +23,23 @@ class Outbox:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
 
-    def batch(self, limit: int = 500) -> list[dict[str, Any]]:
-        """Up to ``limit`` events, in the order they happened."""
+    def batch(self, limit: int = 500, skip_tasks: set[str] = frozenset()) -> list[dict[str, Any]]:
+        """Up to ``limit`` events, in the order they happened, none of ``skip_tasks``."""
+        marks = ",".join("?" * len(skip_tasks))
         with self._lock:
-            rows = self._conn.execute("SELECT body FROM outbox ORDER BY id LIMIT ?",
-                                      (limit,)).fetchall()
+            rows = self._conn.execute(
+                f"SELECT body FROM outbox WHERE task_id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                (*skip_tasks, limit)).fetchall()
         return [json.loads(body) for (body,) in rows]
+
+    def depth_of(self, task_ids: set[str]) -> int:
+        """Events waiting for the given tasks."""
+        if not task_ids:
+            return 0
+        with self._lock:
+            return self._conn.execute(
+                f"SELECT COUNT(*) FROM outbox WHERE task_id IN ({','.join('?' * len(task_ids))})",
+                tuple(task_ids)).fetchone()[0]
 
     def delete(self, event_ids: list[str]) -> int:
         """Forget accepted events; return how many were removed."""
@@ -36,13 +47,19 @@ class Outbox:
             return 0
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
-            removed = 0
-            for start in range(0, len(event_ids), 500):
-                chunk = event_ids[start:start + 500]
-                cur = self._conn.execute(
-                    f"DELETE FROM outbox WHERE event_id IN ({','.join('?' * len(chunk))})", chunk)
-                removed += cur.rowcount
-            self._conn.execute("COMMIT")
+            try:
+                removed = 0
+                for start in range(0, len(event_ids), 500):
+                    chunk = event_ids[start:start + 500]
+                    cur = self._conn.execute(
+                        f"DELETE FROM outbox WHERE event_id IN ({','.join('?' * len(chunk))})",
+                        chunk)
+                    removed += cur.rowcount
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
         return removed
 
     def depth(self) -> tuple[int, float | None]:

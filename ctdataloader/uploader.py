@@ -13,8 +13,10 @@ import argparse
 import logging
 import random
 import signal
+import sqlite3
 import sys
 import threading
+import time
 
 from agent.config import Config, load_config
 from agent.errors import AuthError, DsagentError, ServerError
@@ -30,6 +32,7 @@ BATCH = 500
 SAFETY_NET_S = 30.0
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 60.0
+REFUSED_RETRY_S = 300.0   # an event the server did not accept is offered again this late
 
 
 class Uploader:
@@ -46,6 +49,10 @@ class Uploader:
         self.stop = threading.Event()
         self.backoff = 0.0
         self.uploaded = 0
+        # task_id -> when to offer its events again: the server did not accept
+        # one of them. Its later events wait too (per-task order), other tasks'
+        # events go on, so a refused event never holds up the rest.
+        self.held: dict[str, float] = {}
 
     @property
     def api(self):
@@ -58,18 +65,29 @@ class Uploader:
         return self._api
 
     def upload_once(self) -> int:
-        """Upload one batch; return how many events the server accepted."""
-        events = self.outbox.batch(BATCH)
+        """Upload one batch; return how many events the server accepted.
+
+        Raises ServerError when the server accepted none of them (back off).
+        """
+        now = time.monotonic()
+        self.held = {tid: until for tid, until in self.held.items() if until > now}
+        events = self.outbox.batch(BATCH, skip_tasks=set(self.held))
         if not events:
             return 0
         accepted = set(self.api.post_status(events))
         sent = [e["event_id"] for e in events]
         removed = self.outbox.delete([eid for eid in sent if eid in accepted])
-        refused = [eid for eid in sent if eid not in accepted]
-        if refused:
-            raise ServerError(f"server did not accept {len(refused)} of {len(sent)} event(s), "
-                              f"e.g. {refused[0]}; they stay in the outbox")
         self.uploaded += removed
+        refused = [e for e in events if e["event_id"] not in accepted]
+        if refused and not removed:  # the server took nothing: its problem, back off
+            raise ServerError(f"server accepted none of {len(sent)} event(s); they stay in "
+                              "the outbox")
+        if refused:  # it took others: hold these tasks so they do not block the rest
+            for event in refused:
+                self.held[event["task_id"]] = now + REFUSED_RETRY_S
+            log.warning("server did not accept %d of %d event(s), e.g. %s of task %s; they stay "
+                        "in the outbox and are offered again in %.0f s", len(refused), len(sent),
+                        refused[0]["event_id"], refused[0]["task_id"], REFUSED_RETRY_S)
         log.debug("uploaded %d event(s)", removed)
         return removed
 
@@ -80,16 +98,18 @@ class Uploader:
                 if self.upload_once() == BATCH:
                     continue  # more waiting: keep going
                 self.backoff = 0.0
-            except (ServerError, OSError) as exc:
+            except (ServerError, OSError, sqlite3.Error) as exc:
                 self.backoff = min(max(self.backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
                 delay = random.uniform(self.backoff / 2, self.backoff)
                 depth, age = self.outbox.depth()
-                what = "token refused" if isinstance(exc, AuthError) else "upload failed"
+                what = ("token refused" if isinstance(exc, AuthError) else
+                        "cannot update the outbox (uploaded events will be sent again)"
+                        if isinstance(exc, sqlite3.Error) else "upload failed")
                 log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
                           what, exc, depth, age or 0, delay)
                 self.stop.wait(delay)
                 continue
-            if self.outbox.depth()[0]:
+            if self.outbox.depth()[0] > self.outbox.depth_of(set(self.held)):
                 continue
             self.listener.wait(SAFETY_NET_S)
         if self.backoff == 0.0:  # server reachable: send what the CTA's shutdown recorded

@@ -481,7 +481,7 @@ class ConfigLock:
         self.fd = -1
 
     def __enter__(self) -> "ConfigLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         told = False
         while True:
             try:
@@ -626,6 +626,9 @@ def check(req: Request, report: Report, cancelled: Callable[[], bool]) -> Checke
         raise BootWizError(f"sbs_dir {req.sbs_dir} is not a folder; the PXE server could not "
                            "be told about the rebuilt configuration")
     config_dir = os.path.join(store, req.config)
+    if os.path.islink(config_dir):
+        raise BootWizError(f"{config_dir} is a symlink; refusing to build through it (a "
+                           "configuration folder must be a real folder in the preboot store)")
     if os.path.lexists(config_dir) and not os.path.isdir(config_dir):
         raise BootWizError(f"{config_dir} exists and is not a folder")
     read_current(config_dir)  # refuses a 'current' that is not a symlink

@@ -67,7 +67,11 @@ class ImageStore:
         self.root = Path(root)
 
     def folder(self, name: str) -> Path:
-        return self.root / check_name(name)
+        folder = self.root / check_name(name)
+        if folder.is_symlink():
+            raise ImageError(f"image folder {folder} is a symlink; refused (an image folder "
+                             f"must be a real folder inside {self.root})")
+        return folder
 
     # ---- reading -----------------------------------------------------------
     def open_current(self, name: str) -> "ImageVersion":
@@ -93,7 +97,10 @@ class ImageStore:
         """Exclusive lock for a capture of ``name``; ImageError if one is running."""
         folder = self.folder(name)
         folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / ".lock", "a+")
+        if folder.is_symlink():  # planted between the check and mkdir
+            raise ImageError(f"image folder {folder} is a symlink; refused")
+        fh = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o644), "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,7 +120,8 @@ class ImageStore:
         write_atomic(folder / "current", (vdir.name + "\n").encode())
         removed = []
         for other in folder.iterdir():
-            if other.is_dir() and other.name != vdir.name and _unused(other):
+            if other.is_dir() and not other.is_symlink() and other.name != vdir.name \
+                    and _unused(other):
                 shutil.rmtree(other, ignore_errors=True)
                 removed.append(other.name)
         return removed
