@@ -33,7 +33,7 @@ from .config import Config, load_config, parse_hostport
 from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
 from .events import TERMINAL
 from .logsetup import setup_logging, task_context
-from .notify import Notifier
+from .notify import SERVER_BACK, Notifier
 from .runner import execute
 from .serverapi import ServerAPI, is_loopback_host
 from .statedb import AgentDB, Change, db_path
@@ -250,6 +250,8 @@ class CTA:
             self._last_pull = time.monotonic()
             try:
                 self.pull_once()
+                # the server answers: an uploader backing off need not wait on
+                self.notifier.notify(SERVER_BACK)
                 self._retry_delay = self._retry_at = 0.0
             except (ServerError, TaskDocumentError) as exc:
                 self._retry_delay = min(max(2 * self._retry_delay, 2.0), self.poll_interval)

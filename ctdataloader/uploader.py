@@ -21,7 +21,7 @@ import time
 from agent.config import Config, load_config
 from agent.errors import AuthError, DsagentError, ServerError
 from agent.logsetup import setup_logging
-from agent.notify import Notifier, NotifyListener
+from agent.notify import SERVER_BACK, Notifier, NotifyListener
 from agent.statedb import db_path
 
 from .outbox import Outbox
@@ -63,6 +63,17 @@ class Uploader:
 
             self._api = ServerAPI(self.server_url, self.creds.client_id, self.creds.token)
         return self._api
+
+    def _back_off(self, delay: float) -> None:
+        """Sleep ``delay`` s, unless the CTA says the server is back (or we stop).
+
+        New-event notifications do not end it: during an outage they would
+        make a hot retry loop."""
+        deadline = time.monotonic() + delay
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if SERVER_BACK in self.listener.wait(left):
+                log.info("the CTA reached the server again: uploading now")
+                return
 
     def upload_once(self) -> int:
         """Upload one batch; return how many events the server accepted.
@@ -107,7 +118,7 @@ class Uploader:
                         if isinstance(exc, sqlite3.Error) else "upload failed")
                 log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
                           what, exc, depth, age or 0, delay)
-                self.stop.wait(delay)
+                self._back_off(delay)
                 continue
             if self.outbox.depth()[0] > self.outbox.depth_of(set(self.held)):
                 continue

@@ -313,3 +313,21 @@ def test_prestarted_workers_stay_alive(make_chain):
     chain.tickle()
     assert chain.wait([task], 15)
     assert {p.pid for p in chain.child("cta").children()} == pids  # reused, not replaced
+
+
+def test_uploads_resume_as_soon_as_the_cta_reaches_the_server_again(make_chain):
+    chain = make_chain()
+    port = chain.server.port
+    task = chain.queue("RunScript", {"script": "sleep 1"})
+    chain.tickle()
+    deadline = time.monotonic() + 10
+    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    chain.stop_server()
+    time.sleep(9)  # the task ends; the uploader's backoff has grown to several seconds
+    chain.start_server(port=port)
+    started = time.monotonic()
+    chain.tickle()  # the CTA's pull succeeds and tells the uploader
+    assert chain.wait([task], 20)
+    assert time.monotonic() - started < 3, "the uploader waited out its backoff"
+    assert "the CTA reached the server again" in chain.log_path.read_text()
