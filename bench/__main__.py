@@ -22,7 +22,7 @@ from pathlib import Path
 from . import chain as chain_bench
 from . import imaging as imaging_bench
 from . import micro
-from .report import Conditions, Row, machine_lines, mb, ms, percentile, table
+from .report import Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table
 
 RESULTS = Path(__file__).with_name("results.md")
 IMAGING_HEADING = "## Imaging"
@@ -83,12 +83,7 @@ def throughput_rows(res: chain_bench.ThroughputResult) -> list[Row]:
                 f"+{res.last_received_s:.2f} s, last terminal +{res.last_terminal_s:.2f} s, "
                 f"all at server +{res.elapsed_s:.2f} s (queueing took {res.queue_s:.2f} s, untimed)")]
     if res.cpu_s and res.done:
-        total = sum(res.cpu_s.values())
-        rows.append(Row("  ↳ CPU per task, by process",
-                        f"{total / res.done * 1000:.1f} ms in all ("
-                        + ", ".join(f"{name} {cpu / res.done * 1000:.1f}"
-                                    for name, cpu in res.cpu_s.items())
-                        + f"); {total / res.elapsed_s:.2f} cores busy on average"))
+        rows.append(cpu_row(res.cpu_s, res.done, res.elapsed_s))
     return rows
 
 

@@ -113,3 +113,12 @@ def table(rows: list[Row]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row.cells()) + " |")
     return "\n".join(lines)
+
+
+def cpu_row(cpu_s: dict[str, float], done: int, elapsed_s: float) -> "Row":
+    """The "CPU per task, by process" row of a throughput measurement."""
+    total = sum(cpu_s.values())
+    return Row("  ↳ CPU per task, by process",
+               f"{total / done * 1000:.2f} ms in all ("
+               + ", ".join(f"{name} {cpu / done * 1000:.2f}" for name, cpu in cpu_s.items())
+               + f"); {total / elapsed_s:.2f} cores busy on average")

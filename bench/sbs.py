@@ -29,14 +29,12 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-
-import psutil
 
 from taskserver.loopback import LoopbackChain
 
-from .report import Conditions, Row, machine_lines, table
+from .chain import _cpu_snapshot, at_epoch
+from .report import Conditions, Row, cpu_row, machine_lines, table
 
 GOALS_S = {50: 1.0, 10_000: 30.0}
 PAYLOAD = ('<Computer mac="00:11:22:33:{:02x}:{:02x}" name="PC-{:05d}" '
@@ -46,10 +44,6 @@ TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 
 def say(message: str) -> None:
     print(f"[bench.sbs {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def at_epoch(at: str) -> float:
-    return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
 
 
 @dataclass
@@ -94,28 +88,6 @@ class Interface(threading.Thread):
                     except FileNotFoundError:
                         pass
             self.halt.wait(0.01)
-
-
-def cpu_snapshot(chain: LoopbackChain) -> dict[str, float]:
-    """CPU seconds so far by role; workers include the children they reaped."""
-    snap: dict[str, float] = {}
-    for name in ("objecthost", "cta", "ctdataloader"):
-        proc = chain.child(name)
-        if proc is None:
-            raise RuntimeError(f"agent child {name} is not running; see {chain.log_path}")
-        times = proc.cpu_times()
-        snap[name] = times.user + times.system
-        if name == "cta":
-            snap["workers"] = 0.0
-            for worker in proc.children():
-                try:
-                    t = worker.cpu_times()
-                except psutil.NoSuchProcess:
-                    continue
-                snap["workers"] += t.user + t.system + t.children_user + t.children_system
-    me = psutil.Process().cpu_times()
-    snap["task server + bench"] = me.user + me.system
-    return snap
 
 
 def tickle(chain: LoopbackChain) -> None:
@@ -185,7 +157,7 @@ def run_once(chain: LoopbackChain, sbs_dir: Path, n: int, timeout: float,
                                        "payload": PAYLOAD.format(i >> 8 & 255, i & 255, i)})
                for i in range(n)]
         result.queue_s = time.perf_counter() - q0
-        before = cpu_snapshot(chain)
+        before = _cpu_snapshot(chain)
         t0 = time.time()
         p0 = time.perf_counter()
         tickle(chain)
@@ -198,7 +170,7 @@ def run_once(chain: LoopbackChain, sbs_dir: Path, n: int, timeout: float,
                 break
             time.sleep(0.005)
         result.elapsed_s = time.perf_counter() - p0
-        after = cpu_snapshot(chain)
+        after = _cpu_snapshot(chain)
     finally:
         reader.close()
     result.cpu_s = {name: after[name] - before.get(name, 0.0) for name in after}
@@ -257,12 +229,7 @@ def rows_for(res: Result) -> list[Row]:
     for message, count in sorted(res.failures.items()):
         rows.append(Row("  ↳ **not succeeded**", f"{count} × {message}"))
     if res.cpu_s and res.done:
-        total = sum(res.cpu_s.values())
-        rows.append(Row("  ↳ CPU per task, by process",
-                        f"{total / res.done * 1000:.2f} ms in all ("
-                        + ", ".join(f"{name} {cpu / res.done * 1000:.2f}"
-                                    for name, cpu in res.cpu_s.items())
-                        + f"); {total / res.elapsed_s:.2f} cores busy on average"))
+        rows.append(cpu_row(res.cpu_s, res.done, res.elapsed_s))
     return rows
 
 
