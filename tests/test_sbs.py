@@ -211,10 +211,14 @@ def test_fixed_name_is_written_once_the_waiting_one_is_consumed(sbs_dir):
     (sbs_dir / name).write_text("old")
     store = sbs_dir.parent / "SBSStore"
     store.mkdir()
-    threading.Timer(0.2, os.rename, (sbs_dir / name, store / "old.sbs")).start()
     woken = []
+
+    def wake(path):  # the woken "PXE Interface" takes the waiting file a moment later
+        woken.append(path)
+        threading.Timer(0.2, os.rename, (sbs_dir / name, store / "old.sbs")).start()
+
     written = write_sbs_file(str(sbs_dir), "initial-config", "new", fixed_wait_s=5,
-                             on_fixed_taken=woken.append)
+                             on_fixed_taken=wake)
     assert woken == [str(sbs_dir / name)]
     assert written.name == name and (sbs_dir / name).read_text() == "new"
     assert (store / "old.sbs").read_text() == "old"
