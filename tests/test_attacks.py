@@ -627,6 +627,12 @@ def _listeners(port: int) -> list[tuple[str, int]]:
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
 
 
+def _tampered(line: bytes) -> bytes:
+    """The line with the last digit of its signature changed (always changed)."""
+    last = line[-2:-1]
+    return line[:-2] + (b"1" if last == b"0" else b"0") + b"\n"
+
+
 def test_cta_port_is_loopback_only_and_refuses_forged_garbage_and_replayed_wakes(tmp_path):
     chain = LoopbackChain(tmp_path / "c", client_id=CID)
     chain.start()
@@ -652,7 +658,7 @@ def test_cta_port_is_loopback_only_and_refuses_forged_garbage_and_replayed_wakes
             b"A" * 4096: "ERR bad-frame",
             make_tickle(CID, tickle_key): "ERR bad-frame",          # a tickle is not a wake-up
             make_wake(os.urandom(32)): "ERR bad-signature",        # forged
-            make_wake(hop_key)[:-2] + b"0\n": "ERR bad-signature",  # tampered
+            _tampered(make_wake(hop_key)): "ERR bad-signature",    # tampered
             make_wake(hop_key, now=now - 3600): "ERR stale",
             make_wake(hop_key, now=now + 3600): "ERR stale",
         }

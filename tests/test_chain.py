@@ -289,6 +289,9 @@ def test_cta_crash_leaves_no_handler_process_running(make_chain):
         return [p for p in psutil.process_iter(["cmdline"])
                 if marker in " ".join(p.info["cmdline"] or [])]
 
+    deadline = time.monotonic() + 10  # `running` is recorded just before the script starts
+    while not leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert leftovers()
     cta = chain.child("cta")
     cta.send_signal(signal.SIGKILL)
