@@ -39,7 +39,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from agent.errors import DsagentError
+from agent.config import parse_hostport as agent_parse_hostport
+from agent.errors import ConfigError, DsagentError
 
 log = logging.getLogger("taskserver.store")
 
@@ -132,13 +133,15 @@ def valid_client_id(client_id: Any) -> bool:
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); InvalidRequest if bad."""
-    host, sep, port = str(value).rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port), port not 0;
+    InvalidRequest if bad. The agent's own parser, so both read addresses alike."""
+    try:
+        host, port = agent_parse_hostport(str(value), "address")
+    except ConfigError:
+        port = 0
+    if not port:
         raise InvalidRequest(f"expected HOST:PORT, got {value!r}")
-    return host, int(port)
+    return host, port
 
 
 def sanitize_client_id(name: Any) -> str:
