@@ -65,6 +65,18 @@ def _cmd_tickle(args) -> int:
     return 0 if answer == "OK" else 1
 
 
+def _cmd_new_handler(args) -> int:
+    from .scaffold import ScaffoldError, new_handler
+
+    try:
+        path = new_handler(args.name, args.dir, args.task_type)
+    except (ScaffoldError, OSError) as exc:
+        print(f"dsagent new-handler: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}/ (see its README.md); next: pip install -e '{path}[test]' && pytest {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsagent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     tickle.add_argument("--key", required=True, help="tickle key, hex")
     tickle.add_argument("--timeout", type=float, default=5.0)
     tickle.set_defaults(func=_cmd_tickle)
+
+    new_handler = sub.add_parser("new-handler", help="write a ready handler package (with a test)")
+    new_handler.add_argument("name", metavar="NAME", help="its Python package name, e.g. acme_inventory")
+    new_handler.add_argument("--dir", default=".", help="where to create NAME/ (default: here)")
+    new_handler.add_argument("--task-type", help="the task type it serves (default: NAME in CamelCase)")
+    new_handler.set_defaults(func=_cmd_new_handler)
     return parser
 
 

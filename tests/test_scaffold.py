@@ -1,0 +1,130 @@
+"""``dsagent new-handler``: bad names refused; the package it writes installs
+into a fresh virtualenv and passes its own test there, as written.
+
+The fresh venv gets dsagent the way a handler author gets it: ``pip install``
+of the project (a copy of this working tree, so the build writes nothing
+here), which gives it real metadata and entry points (``dsagent.handlers``,
+``pytest11``, the ``dsagent`` script). Only dsagent's third-party libraries
+come from the project's venv, through a ``.pth`` naming a folder of links to
+them (without dsagent and the example handler), so the test runs offline;
+``wheel``, which building needs, is the one package pip installs from the
+index.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DSAGENT = [sys.executable, "-m", "agent"]
+PROJECT_FILES = ["setup.cfg", "pyproject.toml", "README.md",
+                 "agent", "handlers", "objecthost", "ctdataloader", "taskserver"]
+
+
+def new_handler(*args, cwd):
+    return subprocess.run(DSAGENT + ["new-handler", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+@pytest.mark.parametrize("name, error", [
+    ("My-pkg", "is not a valid Python package name"),
+    ("1abc", "is not a valid Python package name"),
+    ("class", "is a Python keyword"),
+    ("json", "would shadow the standard library module 'json'"),
+    ("pluggy", "would shadow the installed module 'pluggy'"),
+    ("tests", "reserved for the package's test folder"),
+])
+def test_bad_name_is_refused_and_nothing_written(tmp_path, name, error):
+    result = new_handler(name, "--dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and error in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_folder_bad_or_taken_task_type_are_refused(tmp_path):
+    (tmp_path / "acme").mkdir()
+    taken = new_handler("acme", cwd=tmp_path)
+    assert taken.returncode == 2 and "acme already exists" in taken.stderr
+    for task_type, error in [("Run Script", "is not valid"),
+                             ("RunScript", "already served by the installed plugin 'runscript'")]:
+        result = new_handler("other", "--task-type", task_type, cwd=tmp_path)
+        assert result.returncode == 2 and error in result.stderr, result.stderr
+    assert new_handler("other", "--dir", str(tmp_path / "none"), cwd=tmp_path).returncode == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["acme"]
+
+
+def make_fresh_venv(root: Path) -> Path:
+    """A venv holding only links to dsagent's dependencies, then dsagent itself."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    deps = root / "deps"
+    deps.mkdir()
+    ours = sysconfig.get_paths()["purelib"]
+    for entry in os.listdir(ours):
+        if "dsagent" in entry or entry.startswith("__") or entry.endswith(".pth"):
+            continue  # dsagent, the example handler, their editable finders, caches
+        (deps / entry).symlink_to(os.path.join(ours, entry))
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "dsagent-test-deps.pth").write_text(f"{deps}\n")
+    project = root / "dsagent-src"
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            project.mkdir(exist_ok=True)
+            shutil.copy2(source, project / name)
+    pip_install(python, "wheel")
+    pip_install(python, "--no-index", "--no-build-isolation", str(project))
+    return venv
+
+
+def pip_install(python, *args):
+    result = subprocess.run([python, "-m", "pip", "install", "-q", *args],
+                            capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def clean_env():
+    """The environment without this venv leaking in (PYTHONPATH, VIRTUAL_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+def test_generated_package_installs_and_passes_its_test_in_a_fresh_venv(tmp_path):
+    venv = make_fresh_venv(tmp_path)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    where = subprocess.run([python, "-c", "import agent; print(agent.__file__)"],
+                           capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    assert where.stdout.startswith(str(venv)), where  # dsagent installed there, not linked
+
+    work = tmp_path / "work"
+    work.mkdir()
+    made = subprocess.run([bin_dir / "dsagent", "new-handler", "acme_inventory",
+                           "--task-type", "Acme.Inventory"],
+                          capture_output=True, text=True, cwd=work, env=clean_env(), timeout=60)
+    assert made.returncode == 0, made.stderr
+    package = work / "acme_inventory"
+    pip_install(python, "--no-index", "--no-build-isolation", str(package))
+
+    tested = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                            capture_output=True, text=True, cwd=package, env=clean_env(),
+                            timeout=300)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "3 passed" in tested.stdout
+
+    listed = subprocess.run([bin_dir / "dsagent", "handlers"], capture_output=True, text=True,
+                            cwd=tmp_path, env=clean_env(), timeout=60)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    rows = [line.split()[:3] for line in listed.stdout.splitlines()]
+    assert ["Acme.Inventory", "acme_inventory", "0.1.0"] in rows, listed.stdout
+    assert ["RunScript", "runscript", "0.1.0"] in rows
+    assert "Example.Echo" not in listed.stdout  # the project venv's example handler stayed out
