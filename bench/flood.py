@@ -4,11 +4,19 @@ Starts the real ``python -m objecthost --config FILE`` on a loopback port
 with a fake CTA (a real socket that checks every wake-up with
 ``check_wake``), then runs, one after the other:
 
-- a connection flood: N connections a second for S seconds (default 10,000/s
-  for 5 s), each sending a well-formed tickle with a forged signature, from
-  several client processes (asyncio) spread over source addresses
-  127.0.0.2-127.0.0.40 so no ephemeral port range runs dry; meanwhile a
-  legitimate signed tickle every 200 ms must get ``OK``;
+- connection floods: N connections a second for S seconds (default 10,000/s
+  for 5 s), from source addresses 127.0.0.2-127.0.0.40 so no ephemeral port
+  range runs dry. With a C compiler (``cc``) they come from ``floodgen``
+  (bench/floodgen.c, compiled into the work folder: epoll, non-blocking
+  connects), in four modes: forged signatures, garbage lines, replays of one
+  accepted tickle, and connect-and-hold (one byte a second, so every
+  connection wants a slot); without one (or with ``--generator python``),
+  forged signatures only, from asyncio client processes, which reach only
+  ~3,000-4,400/s on two shared cores. Meanwhile the reference task server's
+  ``tickle_client`` (which retries a reset or busy tickle once) sends a
+  legitimate tickle every 200 ms, which must get ``OK``;
+- saturation: 1,024 connections (``max_connections``) held open by slow
+  senders while legitimate tickles are sent (C generator only);
 - slowloris: 200 connections sending one byte a second (must be cut at 5 s),
   again with legitimate tickles at 5/s;
 - 100 lines of 1 MB; 1,000 connections of random garbage; 1,000 forged
@@ -26,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import logging
 import multiprocessing
 import os
 import random
@@ -34,6 +44,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,15 +58,18 @@ import psutil
 
 from agent.errors import TickleRefused
 from agent.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
+from taskserver import TaskStore, TickleFailed
+from taskserver.app import tickle_client
 
 from .report import Conditions, Row, machine_lines, mb, ms, percentile, table
 
 REPO = Path(__file__).resolve().parent.parent
+FLOODGEN_SRC = Path(__file__).with_name("floodgen.c")
 CID = "pc-0042"
-KEY = bytes.fromhex("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
 SOURCES = [f"127.0.0.{i}" for i in range(2, 41)]   # client source addresses
 ANSWER_TIMEOUT_S = 8.0                            # a client waits this long for an answer
 LEGIT_EVERY_S = 0.2                               # legitimate tickles at 5/s
+MAX_CONNECTIONS = 1024                            # the objecthost's default max_connections
 
 
 def say(message: str) -> None:
@@ -119,6 +133,8 @@ class FakeCTA:
 
 
 class ObjectHostProcess:
+    """The real objecthost, enrolled as CID in a reference task server store (``self.store``)."""
+
     def __init__(self, workdir: Path):
         self.workdir = workdir
         state = workdir / "state"
@@ -127,11 +143,13 @@ class ObjectHostProcess:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
+        self.store = TaskStore(str(workdir / "server.db"))
+        self.key = bytes.fromhex(self.store.enroll(CID, tickle_addr=f"127.0.0.1:{self.port}")["tickle_key"])
         self.config = workdir / "agent.toml"
         fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(f'[agent]\nserver_url = "http://127.0.0.1:9"\nstate_dir = "{state}"\n'
-                     f'client_id = "{CID}"\ntoken = "tok"\ntickle_key = "{KEY.hex()}"\n\n'
+                     f'client_id = "{CID}"\ntoken = "tok"\ntickle_key = "{self.key.hex()}"\n\n'
                      f'[objecthost]\nlisten = "127.0.0.1:{self.port}"\n\n'
                      f'[cta]\nlisten = "127.0.0.1:{self.cta.port}"\n')
         self.log_path = workdir / "objecthost.log"
@@ -178,6 +196,7 @@ class ObjectHostProcess:
             return self.proc.wait()
         finally:
             self.cta.close()
+            self.store.close()
 
 
 # ---------------------------------------------------------------------------
@@ -202,38 +221,58 @@ def exchange(port: int, line: bytes, timeout: float = 5.0) -> tuple[str, float]:
     return text, time.perf_counter() - started
 
 
-class LegitTickler:
-    """A signed tickle every LEGIT_EVERY_S in a thread, while an attack runs."""
+class _RetryCounter(logging.Handler):
+    """Counts the task server's "retrying once" warnings (one per retried tickle)."""
 
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying once" in record.getMessage():
+            self.count += 1
+
+
+class LegitTickler:
+    """A tickle every LEGIT_EVERY_S in a thread, while an attack runs, sent as the
+    reference task server sends it (``tickle_client``: one retry if reset or busy)."""
+
+    def __init__(self, store: TaskStore):
+        self.store = store
         self.answers: Counter[str] = Counter()
         self.latencies: list[float] = []
+        self.retries = _RetryCounter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "LegitTickler":
+        logging.getLogger("taskserver").addHandler(self.retries)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(15)
+        logging.getLogger("taskserver").removeHandler(self.retries)
 
     def _run(self) -> None:
         next_at = time.monotonic()
         while not self._stop.is_set():
-            answer, seconds = exchange(self.port, make_tickle(CID, KEY), timeout=ANSWER_TIMEOUT_S)
+            started = time.perf_counter()
+            try:
+                answer = tickle_client(self.store, CID, timeout=ANSWER_TIMEOUT_S)
+            except TickleFailed as exc:
+                answer = f"failed ({str(exc).rpartition(': ')[2]})"
             self.answers[answer] += 1
             if answer == "OK":
-                self.latencies.append(seconds)
+                self.latencies.append(time.perf_counter() - started)
             next_at += LEGIT_EVERY_S
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def summary(self) -> str:
         total = sum(self.answers.values())
         ok = self.answers.get("OK", 0)
-        text = f"{ok}/{total} OK"
+        text = f"{ok}/{total} OK ({self.retries.count} retried once)"
         if self.latencies:
             text += (f", p50 {ms(percentile(self.latencies, 50))}, "
                      f"p99 {ms(percentile(self.latencies, 99))}")
@@ -337,6 +376,7 @@ class Outcome:
     after_ok: bool = False
     alive: bool = True
     extra: str = ""
+    cpu: float = 0.0          # objecthost CPU seconds (user + system) during the attack
 
     def answers_text(self) -> str:
         total = sum(self.answers.values()) or 1
@@ -348,8 +388,9 @@ class Outcome:
 def run_attack(host: ObjectHostProcess, name: str, body, *, legit: bool = False) -> Outcome:
     say(name)
     rss_before, _ = host.memory()
+    cpu_before = sum(host.ps.cpu_times()[:2])
     lines_before = host.log_lines()
-    tickler = LegitTickler(host.port) if legit else None
+    tickler = LegitTickler(host.store) if legit else None
     started = time.monotonic()
     if tickler:
         with tickler:
@@ -357,12 +398,13 @@ def run_attack(host: ObjectHostProcess, name: str, body, *, legit: bool = False)
     else:
         sent, answers, extra = body()
     seconds = time.monotonic() - started
+    cpu = sum(host.ps.cpu_times()[:2]) - cpu_before
     time.sleep(0.5)  # let the objecthost release what it held
     rss_after, peak = host.memory()
-    after, _ = exchange(host.port, make_tickle(CID, KEY))
+    after, _ = exchange(host.port, make_tickle(CID, host.key))
     time.sleep(0.05)
     return Outcome(name, sent, Counter(answers), seconds, rss_before, rss_after, peak,
-                   host.log_lines() - lines_before, tickler, after == "OK", host.alive(), extra)
+                   host.log_lines() - lines_before, tickler, after == "OK", host.alive(), extra, cpu)
 
 
 def attack_flood(port: int, rate: float, seconds: float, workers: int):
@@ -394,7 +436,61 @@ def attack_flood(port: int, rate: float, seconds: float, workers: int):
     return body
 
 
-def attack_slowloris(port: int, n: int = 200, cap: float = 12.0):
+# -- the C load generator ------------------------------------------------------
+
+def build_floodgen(outdir: Path) -> Path | None:
+    """Compile bench/floodgen.c into ``outdir`` with ``cc``; None if there is no C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = outdir / "floodgen"
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(FLOODGEN_SRC)],
+                   check=True, capture_output=True, timeout=120)
+    return binary
+
+
+def floodgen(binary: Path, port: int, payloads: list[bytes], rate: float, seconds: float, *,
+             mode: str = "line", timeout: float = ANSWER_TIMEOUT_S) -> dict:
+    """Run floodgen against 127.0.0.1:``port``; its JSON report (``outcomes``: answer -> count)."""
+    path = binary.parent / f"payloads-{secrets.token_hex(4)}.bin"
+    path.write_bytes(b"".join(struct.pack("<I", len(p)) + p for p in payloads))
+    try:
+        proc = subprocess.run(
+            [str(binary), "--port", str(port), "--rate", str(rate), "--seconds", str(seconds),
+             "--payloads", str(path), "--mode", mode, "--timeout", str(timeout),
+             "--sources", str(len(SOURCES))],
+            check=True, capture_output=True, text=True, timeout=seconds + timeout + 30)
+    finally:
+        path.unlink(missing_ok=True)
+    return json.loads(proc.stdout)
+
+
+def forged_lines(n: int = 1000) -> list[bytes]:
+    """Well-formed tickles for CID with random keys: each gets ``ERR bad-signature``."""
+    return [make_tickle(CID, secrets.token_bytes(32)) for _ in range(n)]
+
+
+def garbage_lines(n: int = 1000) -> list[bytes]:
+    """Random bytes, 1-700 long (some over the 512-byte limit), each ended by a newline."""
+    rnd = random.Random(n)
+    return [bytes(rnd.choice(range(256)) for _ in range(rnd.randrange(1, 700))).replace(b"\n", b"") + b"\n"
+            for _ in range(n)]
+
+
+def attack_floodgen(binary: Path, port: int, payloads: list[bytes], rate: float, seconds: float,
+                    mode: str = "line", what: str = ""):
+    def body():
+        report = floodgen(binary, port, payloads, rate, seconds, mode=mode)
+        extra = (f"offered {rate:,.0f}/s for {seconds:g} s by floodgen; launched "
+                 f"{report['launched']:,} at {report['rate']:,.0f}/s"
+                 + (f", {report['not_launched']:,} not launched (in-flight cap)" if report["not_launched"] else "")
+                 + f"; connection lifetime p50 {ms(report['lifetime_p50'])}, p99 {ms(report['lifetime_p99'])}"
+                 + f", max {report['lifetime_max']:.2f} s" + (f"; {what}" if what else ""))
+        return report["launched"], report["outcomes"], extra
+    return body
+
+
+def attack_slowloris(port: int, key: bytes, n: int = 200, cap: float = 12.0):
     def body():
         async def one(source: str, counts: Counter, cut: list[float]) -> None:
             started = time.monotonic()
@@ -402,7 +498,7 @@ def attack_slowloris(port: int, n: int = 200, cap: float = 12.0):
             try:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port,
                                                                local_addr=(source, 0))
-                line = make_tickle(CID, KEY)[:-1]   # never the newline
+                line = make_tickle(CID, key)[:-1]   # never the newline
                 answer = b""
                 for i in range(len(line)):
                     writer.write(line[i:i + 1])
@@ -503,6 +599,7 @@ def rows_of(results: list[Outcome]) -> list[Row]:
     for r in results:
         growth = r.rss_after - r.rss_before
         memory = (f"RSS {mb(r.rss_before)} → {mb(r.rss_after)} (peak so far {mb(r.peak)}); "
+                  f"objecthost CPU {r.cpu:.2f} s ({r.cpu / max(r.sent, 1) * 1e6:.0f} µs a connection); "
                   f"{r.log_lines} log lines")
         legit = f"; legit tickles during it: {r.legit.summary()}" if r.legit else ""
         after = "a signed tickle right after: " + ("OK" if r.after_ok else "**not OK**")
@@ -521,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=None, help="flood connections per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="flood duration")
     parser.add_argument("--workers", type=int, default=max(2, min(8, os.cpu_count() or 2)),
-                        help="flood client processes")
+                        help="flood client processes (--generator python)")
+    parser.add_argument("--generator", choices=("c", "python"), default="c",
+                        help="who floods: floodgen (bench/floodgen.c, needs cc) or asyncio processes")
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument("--only", metavar="WORD", help="run only the attacks whose name contains WORD")
@@ -539,12 +638,34 @@ def main(argv: list[str] | None = None) -> int:
         idle_rss, _ = host.memory()
         port = host.port
         now = int(time.time())
-        replayed = make_tickle(CID, KEY)
+        key = host.key
+        replayed = make_tickle(CID, key)
         first, _ = exchange(port, replayed)
-        attacks = [
-            (f"Connection flood ({rate:,.0f}/s × {seconds:g} s, forged signatures)",
-             attack_flood(port, rate, seconds, args.workers), True),
-            ("Slowloris (200 connections, 1 byte/s)", attack_slowloris(port), True),
+        binary = build_floodgen(workdir) if args.generator == "c" else None
+        if binary is None:
+            if args.generator == "c":
+                say("no C compiler (cc): the flood comes from Python clients, ~3,000-4,400/s at most")
+            attacks = [(f"Connection flood ({rate:,.0f}/s × {seconds:g} s, forged signatures, Python clients)",
+                        attack_flood(port, rate, seconds, args.workers), True)]
+        else:
+            flood = f"{rate:,.0f}/s × {seconds:g} s"
+            attacks = [
+                (f"Connection flood ({flood}, forged signatures)",
+                 attack_floodgen(binary, port, forged_lines(), rate, seconds), True),
+                (f"Connection flood ({flood}, garbage lines)",
+                 attack_floodgen(binary, port, garbage_lines(), rate, seconds,
+                                 what="random bytes, 1-700 long, ended by a newline"), True),
+                (f"Connection flood ({flood}, replays of one accepted tickle: {first})",
+                 attack_floodgen(binary, port, [replayed], rate, seconds), True),
+                (f"Connection flood ({flood}, connect and hold: 1 byte/s each)",
+                 attack_floodgen(binary, port, [make_tickle(CID, key)[:-1]], rate, seconds, mode="hold",
+                                 what="every connection wants a slot; the oldest held one is reset"), True),
+                (f"Saturation ({MAX_CONNECTIONS:,} slow senders held, 1 byte/s, until cut at 5 s)",
+                 attack_floodgen(binary, port, [make_tickle(CID, key)[:-1]], 2 * MAX_CONNECTIONS, 0.5,
+                                 mode="hold"), True),
+            ]
+        attacks += [
+            ("Slowloris (200 connections, 1 byte/s)", attack_slowloris(port, key), True),
             ("1 MB lines × 100", attack_big_lines(port, 100 if not args.quick else 20), False),
             (f"Garbage × {n:,}", attack_lines(port, garbage, n,
                                               what="random bytes, 1-700 long, half with a newline"), False),
@@ -553,11 +674,11 @@ def main(argv: list[str] | None = None) -> int:
             (f"Replays × {n:,} (of one accepted tickle: {first})",
              attack_lines(port, lambda i: replayed, n), False),
             (f"Stale timestamps × {n // 2:,} (now − 400 s)", attack_lines(
-                port, lambda i: make_tickle(CID, KEY, now=now - 400), n // 2), False),
+                port, lambda i: make_tickle(CID, key, now=now - 400), n // 2), False),
             (f"Future timestamps × {n // 2:,} (now + 400 s)", attack_lines(
-                port, lambda i: make_tickle(CID, KEY, now=now + 400), n // 2), False),
+                port, lambda i: make_tickle(CID, key, now=now + 400), n // 2), False),
             (f"Unknown client × {n // 2:,}", attack_lines(
-                port, lambda i: make_tickle("intruder", KEY), n // 2), False),
+                port, lambda i: make_tickle("intruder", key), n // 2), False),
         ]
         for name, body, legit in attacks:
             if args.only and args.only.lower() not in name.lower():

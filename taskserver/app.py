@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,6 +45,7 @@ from .store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostpor
 log = logging.getLogger("taskserver")
 
 MAX_BODY = 16 * 1024 * 1024
+TICKLE_RETRY_DELAY_S = (0.05, 0.25)   # one retry of a reset or busy tickle, after a jittered pause
 SERVER_NAME = "dsagent-server/0.1"
 TASKS_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status)")
 
@@ -95,6 +98,12 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
     The answer is ``OK`` or ``ERR <code>``. Raises TickleFailed with a clear
     message if the client is unknown, has no tickle address, or cannot be
     reached. ``addr`` overrides the stored address for this one tickle.
+
+    A tickle that is reset, closed unanswered or answered ``ERR busy`` is sent
+    once more (a fresh nonce) after a short random pause: an objecthost full
+    of slow senders resets its oldest connections, and a busy one refills its
+    rate limit within a fraction of a second. The jitter keeps a server that
+    tickles many agents from retrying them all in step.
     """
     client = store.client(client_id)
     if client is None:
@@ -107,15 +116,26 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
         host, port = parse_hostport(addr)
     except InvalidRequest as exc:
         raise TickleFailed(f"cannot tickle {client_id!r}: bad tickle address: {exc}") from None
-    try:
-        answer = send_tickle(host, port, client_id, bytes.fromhex(client["tickle_key"]),
-                             timeout=timeout)
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise TickleFailed(f"cannot tickle {client_id!r} at {addr}: {reason}") from None
+    key = bytes.fromhex(client["tickle_key"])
+    for retry in (False, True):
+        try:
+            answer = send_tickle(host, port, client_id, key, timeout=timeout)
+        except ConnectionResetError:
+            answer = None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise TickleFailed(f"cannot tickle {client_id!r} at {addr}: {reason}") from None
+        if answer not in (None, "", "ERR busy") or retry:
+            break
+        delay = random.uniform(*TICKLE_RETRY_DELAY_S)
+        what = {None: "was reset", "": "was closed unanswered"}.get(answer, f"got {answer}")
+        log.warning("tickle to %s at %s %s; retrying once in %.0f ms", client_id, addr, what, delay * 1000)
+        time.sleep(delay)
+    if answer is None:
+        raise TickleFailed(f"cannot tickle {client_id!r} at {addr}: connection reset (twice)")
     if not answer:
         raise TickleFailed(f"tickle to {client_id!r} at {addr}: the objecthost closed the "
-                           "connection without answering")
+                           "connection without answering (twice)")
     return answer
 
 
