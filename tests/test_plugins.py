@@ -12,6 +12,7 @@ import pytest
 from agent import hookimpl, hookspecs
 from agent.errors import TaskRejected
 from agent.plugins import load_handlers
+from agent.testing import write_distribution
 from agent.tasks import TaskType
 
 DSAGENT = [sys.executable, "-m", "agent"]
@@ -19,12 +20,7 @@ DSAGENT = [sys.executable, "-m", "agent"]
 
 def make_dist(root, name, module_source, entry_name):
     """A minimal installed distribution (dist-info + module) on a path of its own."""
-    (root / f"{name}.py").write_text(textwrap.dedent(module_source))
-    info = root / f"{name}-0.9.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.9\n")
-    (info / "entry_points.txt").write_text(f"[dsagent.handlers]\n{entry_name} = {name}\n")
-    return root
+    return write_distribution(root, name, textwrap.dedent(module_source), entry_name, "0.9")
 
 
 def run_handlers_cmd(pythonpath=None):
@@ -115,13 +111,18 @@ def test_hooks_are_called_only_on_the_owning_plugin():
 
 def test_every_hook_is_documented_and_exercised():
     """Meta-test: each hookspec has a docstring saying when it is called and
-    what it returns, and its name appears in this test suite."""
+    what it returns, docs/handler-guide.md quotes it word for word, and its
+    name appears in this test suite."""
     here = os.path.dirname(__file__)
     corpus = "".join(open(os.path.join(here, f)).read() for f in os.listdir(here) if f.endswith(".py"))
     corpus += open(os.path.join(here, "example_handler", "dsagent_example", "handler.py")).read()
-    for name, func in inspect.getmembers(hookspecs, inspect.isfunction):
-        if not name.startswith("dsagent_"):
-            continue
-        doc = inspect.getdoc(func) or ""
+    guide = " ".join(open(os.path.join(here, "..", "docs", "handler-guide.md")).read().split())
+    names = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction)
+             if name.startswith("dsagent_")]
+    assert names
+    for name in names:
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
         assert "Called" in doc and "Return" in doc, name
+        assert f"def {name}(" in guide, f"docs/handler-guide.md does not show hook {name}"
+        assert " ".join(doc.split()) in guide, f"docs/handler-guide.md quotes an old docstring of {name}"
         assert corpus.count(name) >= 1, f"hook {name} is not exercised by any test"
