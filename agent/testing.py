@@ -112,10 +112,11 @@ class DsagentRunner:
                  wait_s: float | None = None) -> TaskRun:
         """Run one task; ``timeout`` None leaves the handler's default timeout.
 
-        ``handlers`` is the [handlers] config section (e.g. tmp dirs);
-        ``wait_s`` bounds the whole run (default: timeout + 60 s, else 600 s).
+        ``task_id`` must be a UUID (default: a new one); ``handlers`` is the
+        [handlers] config section (e.g. tmp dirs); ``wait_s`` bounds the whole
+        run (default: timeout + 60 s, else 600 s).
         """
-        from taskserver.app import render_tasks
+        from taskserver.app import render_tasks  # lazy: pytest loads this plugin in every run
 
         task_id = task_id or str(uuid.uuid4())
         document = render_tasks("local", [{"task_id": task_id, "type": task_type,

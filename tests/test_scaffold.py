@@ -57,6 +57,21 @@ def test_existing_folder_bad_or_taken_task_type_are_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["acme"]
 
 
+def test_default_task_type_and_files(tmp_path):
+    made = new_handler("acme_inventory", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    package = tmp_path / "acme_inventory"
+    assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == [
+        "README.md", "acme_inventory/__init__.py", "acme_inventory/handler.py",
+        "pyproject.toml", "tests/test_handler.py"]
+    assert 'TASK_TYPE = "AcmeInventory"' in (package / "acme_inventory" / "handler.py").read_text()
+    assert 'acme_inventory = "acme_inventory.handler"' in (package / "pyproject.toml").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert package.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
+    assert [p.name for p in tmp_path.iterdir()] == ["acme_inventory"]  # no staging left over
+
+
 def make_fresh_venv(root: Path) -> Path:
     """A venv holding only links to dsagent's dependencies, then dsagent itself."""
     venv = root / "venv"
