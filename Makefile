@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean system-tools
+.PHONY: setup demo test bench clean system-tools package
 
 setup: $(VENV)/.installed system-tools
 
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# dist/: the sdist, the wheel and the .deb (see docs/install.md).
+package:
+	PY=$(PY) bash packaging/build-package.sh dist
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo-run

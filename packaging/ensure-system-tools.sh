@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system tools that tests and benches use, when missing.
 # Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
-# (the tests that need a tool skip with its name).
+# (the tests that need a tool skip with its name; tests/test_powercut.py fails
+# without cc, which builds its LD_PRELOAD shim: it must not pass unchecked).
 set -u
-declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone)
+declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone [cc]=gcc
+                [systemd-analyze]=systemd)
 missing=()
 for tool in "${!pkg[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || missing+=("${pkg[$tool]}")
 done
+# The .deb the packaging test installs needs the system python3 with venv (ensurepip).
+/usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing system tools: ${missing[*]}"

@@ -1,0 +1,341 @@
+"""`make package`: systemd units, sdist, wheel and the .deb, each really used.
+
+The .deb is installed, upgraded, removed and purged with the real dpkg and its
+real maintainer scripts, without touching this machine: in a private mount
+namespace, an overlay whose lower layer is this machine's own root (so
+python3, python3-venv and the dpkg database are the real ones) and whose
+upper layer is a tmpfs, entered with chroot. `dpkg --root`/`--instdir` would
+chroot into an empty root for the maintainer scripts, where no python3 exists
+to build the venv. Every file the package changes lands in the upper layer,
+which makes "nothing is left after removal" checkable, and the namespace
+(mounts included) disappears with its one process. Needs root and overlayfs;
+skips with that reason otherwise.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "packaging" / "systemd"
+VERSION = configparser.ConfigParser()
+VERSION.read(ROOT / "setup.cfg")
+VERSION = VERSION["metadata"]["version"]
+BUILTIN_TYPES = ("BootWizRebuild", "CreateBackupImage", "CreateImage", "DeployImage",
+                 "RestoreBackupImage", "RunScript", "UpdateSBSInfo")
+PYTHONS = ("3.11", "3.12", "3.13")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
+                                reason="dpkg-deb not found: the .deb is built only on Debian/Ubuntu")
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def ok(cmd, **kw) -> str:
+    done = run(cmd, **kw)
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """What `make package` makes (same script), in a temporary folder."""
+    out = tmp_path_factory.mktemp("dist")
+    lines = ok(["bash", str(ROOT / "packaging" / "build-package.sh"), str(out)],
+               env={**os.environ, "DSAGENT_DEB_PYTHONS": " ".join(PYTHONS)}).split()
+    sdist, wheel, deb = map(Path, lines)
+    assert sdist.name == f"dsagent-{VERSION}.tar.gz"
+    assert wheel.name == f"dsagent-{VERSION}-py3-none-any.whl"
+    return {"sdist": sdist, "wheel": wheel, "deb": deb}
+
+
+# -- systemd units -------------------------------------------------------------
+
+def verify_units(*units: str, chroot: "Root | None" = None) -> None:
+    """`systemd-analyze verify` passes and prints nothing (an unknown or
+    misspelt key is only a warning, with exit status 0)."""
+    cmd = ["systemd-analyze", "verify", *units]
+    done = chroot.chroot(*cmd) if chroot else run(cmd, env={"PATH": PATH})
+    assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not found (no systemd on this machine)")
+def test_units_verify(tmp_path):
+    # verify insists that ExecStart's program exists: check copies that start
+    # an existing one (the installed units are verified as they are below).
+    copies = []
+    for unit in sorted(UNITS.glob("*.service")):
+        text = unit.read_text()
+        assert re.search(r"^ExecStart=/opt/dsagent/venv/bin/\S+ ", text, re.M), unit
+        copy = tmp_path / unit.name
+        copy.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", text,
+                               flags=re.M))
+        copies.append(str(copy))
+    assert len(copies) == 2
+    verify_units(*copies)
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().replace("\\\n", "").splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_agent_unit_hardening():
+    unit = unit_settings("dsagent.service")
+    assert unit["ExecStart"] == ["/opt/dsagent/venv/bin/dsagent run --config /etc/dsagent/agent.toml"]
+    assert unit["Restart"] == ["on-failure"] and unit["KillMode"] == ["mixed"]
+    from agent.supervisor import CHILDREN, STOP_GRACE_S
+    # The supervisor drains its children one after the other.
+    assert int(unit["TimeoutStopSec"][0].rstrip("s")) > len(CHILDREN) * STOP_GRACE_S
+    for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+                       "ProtectHome": "yes", "ProtectKernelTunables": "yes",
+                       "StateDirectory": "dsagent", "LogsDirectory": "dsagent",
+                       "ConfigurationDirectory": "dsagent", "DevicePolicy": "closed"}.items():
+        assert unit[key] == [value], key
+    assert unit["CapabilityBoundingSet"] == ["CAP_DAC_OVERRIDE CAP_KILL"]
+    assert set(unit["RestrictAddressFamilies"][0].split()) == {
+        "AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+
+
+def test_config_template_is_a_valid_config():
+    from agent.config import load_config
+    config = load_config(ROOT / "packaging" / "agent.toml.example")
+    assert config.state_dir == Path("/var/lib/dsagent")
+    assert not any(config.get("agent", k) for k in ("token", "tickle_key", "enrollment_key"))
+
+
+# -- sdist and wheel -------------------------------------------------------------
+
+@needs_dpkg
+def test_sdist_contents(built):
+    with tarfile.open(built["sdist"]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(f"dsagent-{VERSION}/PKG-INFO").read().decode()
+    for needed in ("README.md", "setup.cfg", "pyproject.toml", "MANIFEST.in", "SECURITY.md",
+                   "docs/install.md", "agent/cli.py", "handlers/imaging/deploy.py",
+                   "packaging/systemd/dsagent.service", "packaging/build-package.sh",
+                   "packaging/debian/postinst", "packaging/agent.toml.example"):
+        assert needed in names, needed
+    assert not any(n.startswith("tests/") or "__pycache__" in n for n in names)
+    # README.md is the long description.
+    assert "Description-Content-Type: text/markdown" in pkg_info
+    assert "\n# dsagent\n" in pkg_info
+
+
+@needs_dpkg
+def test_wheel_installs_into_a_fresh_venv(built, tmp_path):
+    venv = tmp_path / "venv"
+    ok([sys.executable, "-m", "venv", str(venv)])
+    ok([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(built["wheel"])])
+    listed = ok([str(venv / "bin" / "dsagent"), "handlers"])
+    assert [line.split()[0] for line in listed.splitlines()[1:]] == list(BUILTIN_TYPES)
+    assert ok([str(venv / "bin" / "dsagent-server"), "--help"])
+
+
+# -- the .deb --------------------------------------------------------------------
+
+@needs_dpkg
+def test_deb_control_and_contents(built):
+    deb = str(built["deb"])
+    fields = dict(re.findall(r"^(\S+): (.*)$", ok(["dpkg-deb", "-f", deb]), re.M))
+    assert fields["Package"] == "dsagent" and fields["Version"] == VERSION
+    assert fields["Architecture"] == ok(["dpkg", "--print-architecture"]).strip()
+    assert fields["Depends"] == "python3 (>= 3.11), python3 (<< 3.14), python3-venv"
+    info = ok(["dpkg-deb", "-I", deb])
+    for script in ("postinst", "prerm", "postrm", "conffiles"):
+        assert f" {script} " in info, script
+    listing = {}
+    for line in ok(["dpkg-deb", "-c", deb]).splitlines():
+        mode, owner, *_, path = line.split(None, 5)
+        listing[path.split(" -> ")[0].lstrip(".")] = (mode, owner, line)
+    assert listing["/"][0] == "drwxr-xr-x"
+    assert listing["/etc/dsagent/agent.toml.example"][:2] == ("-rw-------", "root/root")
+    assert "/etc/dsagent/agent.toml" not in listing  # the admin's file is never shipped
+    for unit in ("dsagent.service", "dsagent-server.service"):
+        assert listing[f"/lib/systemd/system/{unit}"][:2] == ("-rw-r--r--", "root/root")
+    assert listing["/usr/bin/dsagent"][2].endswith("-> /opt/dsagent/venv/bin/dsagent")
+    wheels = {p.rsplit("/", 1)[1] for p in listing if p.startswith("/opt/dsagent/wheels/")}
+    assert f"dsagent-{VERSION}-py3-none-any.whl" in wheels
+    for v in PYTHONS:  # the one compiled dependency without an abi3 wheel
+        tag = "cp" + v.replace(".", "")
+        assert any(w.startswith("zstandard-") and f"-{tag}-{tag}-" in w for w in wheels), v
+    assert not any(p.startswith("/opt/dsagent/venv") for p in listing)
+    conffiles = run(["dpkg-deb", "-I", deb, "conffiles"]).stdout.split()
+    assert conffiles == ["/etc/dsagent/agent.toml.example"]
+
+
+# Stands in for systemctl so the maintainer scripts' systemd branch runs:
+# it logs its arguments and calls the unit active when /run/fake-active exists.
+# In /run (a tmpfs of the tree), first on the chroot's PATH.
+FAKE_BIN = "/run/fakebin"
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> /run/systemctl.log
+case "$1" in is-active) [ -e /run/fake-active ] ;; esac
+"""
+
+class Root:
+    """This machine's root as a throwaway copy-on-write tree (see the module
+    docstring): `sh` runs a command in the namespace, `chroot` inside the tree."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                        "sleep", "infinity"])
+        # The mounts exist only in the namespace: this process sees them
+        # through the holder's /proc/PID/root.
+        seen = Path(f"/proc/{self.holder.pid}/root") / base.relative_to("/")
+        self.path, self.upper = seen / "root", seen / "layer" / "upper"
+
+    def sh(self, script: str) -> subprocess.CompletedProcess:
+        return run(["nsenter", "-t", str(self.holder.pid), "-m", "sh", "-euc", script],
+                   env={"PATH": PATH})
+
+    def chroot(self, *cmd: str) -> subprocess.CompletedProcess:
+        return run(["nsenter", "-t", str(self.holder.pid), "-m", "chroot", str(self.base / "root"), *cmd],
+                   env={"PATH": f"{FAKE_BIN}:{PATH}", "LANG": "C.UTF-8"})
+
+    def mount(self) -> str:
+        """Mount the tree; '' or why it cannot be done here."""
+        layer, root = self.base / "layer", self.path
+        done = self.sh(textwrap.dedent(f"""
+            mkdir -p {layer} {root}
+            mount -t tmpfs tmpfs {layer}
+            mkdir {layer}/upper {layer}/work
+            mount -t overlay overlay -o lowerdir=/,upperdir={layer}/upper,workdir={layer}/work {root}
+            mount --bind /proc {root}/proc
+            mount --rbind /dev {root}/dev
+            mount -t tmpfs tmpfs {root}/tmp
+            mount -t tmpfs tmpfs {root}/run
+        """))
+        return "" if done.returncode == 0 else done.stderr.strip()
+
+    def leftovers(self) -> set[str]:
+        """Files (not folders) the package runs created or changed, minus dpkg's
+        own bookkeeping and what the test wrote into /tmp and /run."""
+        found = set()
+        for path in self.upper.rglob("*"):
+            rel = "/" + str(path.relative_to(self.upper))
+            if path.is_dir() and not path.is_symlink():
+                continue
+            if rel.startswith(("/var/lib/dpkg/", "/var/log/dpkg.log", "/tmp/", "/run/")):
+                continue
+            found.add(rel)
+        return found
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.fixture
+def root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("installing the .deb into a throwaway root needs root (mount namespaces)")
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("util-linux unshare/nsenter not found")
+    tree = Root(tmp_path)
+    try:
+        why = tree.mount()
+        if why:
+            pytest.skip(f"cannot mount an overlay of / here: {why}")
+        yield tree
+    finally:
+        tree.close()
+
+
+TASK_XML = """<ClientTasks client="local">
+  <Task id="0b8e8c5e-3f7a-4f63-9d8f-2a61c1e0e4a1" type="RunScript" timeout="60">
+    <Parameters><Parameter name="script">echo installed-from-deb; id -u</Parameter></Parameters>
+  </Task>
+</ClientTasks>
+"""
+
+
+@needs_dpkg
+def test_deb_install_upgrade_remove_purge(built, root):
+    r = root.path
+    shutil.copy(built["deb"], r / "tmp" / "dsagent.deb")
+    (r / "run" / "systemd" / "system").mkdir(parents=True)  # "systemd is running"
+    fake = r / FAKE_BIN.lstrip("/") / "systemctl"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(FAKE_SYSTEMCTL)
+    fake.chmod(0o755)
+    systemctl_log = r / "run" / "systemctl.log"
+
+    def dpkg(*args: str) -> None:
+        done = root.chroot("dpkg", *args)
+        assert done.returncode == 0, f"dpkg {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+
+    def systemctl_calls() -> list[str]:
+        calls = systemctl_log.read_text().splitlines() if systemctl_log.exists() else []
+        systemctl_log.unlink(missing_ok=True)
+        return calls
+
+    # Install: venv built, systemd reloaded, the agent neither enabled nor started.
+    dpkg("-i", "/tmp/dsagent.deb")
+    assert systemctl_calls() == ["daemon-reload"]
+    assert (r / "opt/dsagent/venv/bin/python").exists()
+    listed = root.chroot("/opt/dsagent/venv/bin/dsagent", "handlers")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == list(BUILTIN_TYPES)
+    (r / "tmp" / "task.xml").write_text(TASK_XML)
+    ran = root.chroot("dsagent", "run-task", "/tmp/task.xml", "--json")  # via /usr/bin
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    final = json.loads(ran.stdout.splitlines()[-1])
+    assert final["state"] == "succeeded"
+    assert final["details"]["stdout_tail"] == "installed-from-deb\n0\n"
+    assert (r / "etc/dsagent/agent.toml.example").stat().st_mode & 0o777 == 0o600
+    verify_units("/lib/systemd/system/dsagent.service",
+                 "/lib/systemd/system/dsagent-server.service", chroot=root)
+
+    # The admin's config and the agent's state, which removal must keep.
+    config = r / "etc/dsagent/agent.toml"
+    shutil.copy(r / "etc/dsagent/agent.toml.example", config)
+    config.write_text(config.read_text().replace("taskserver.example", "ns.site.example"))
+    (r / "var/lib/dsagent").mkdir(mode=0o700, exist_ok=True)
+    (r / "var/lib/dsagent/credentials.json").write_text("{}")
+
+    # Upgrade (the same version again) while the agent runs: stopped, venv
+    # rebuilt, started again; the admin's config untouched.
+    (r / "run" / "fake-active").touch()
+    dpkg("-i", "/tmp/dsagent.deb")
+    calls = systemctl_calls()
+    assert "stop dsagent.service" in calls and calls[-1] == "start dsagent.service", calls
+    assert "ns.site.example" in config.read_text()
+    assert root.chroot("dsagent", "handlers").returncode == 0
+
+    # Remove: the agent stopped, venv and package files gone; config and state kept.
+    dpkg("-r", "dsagent")
+    calls = systemctl_calls()
+    assert "stop dsagent.service" in calls and calls[-1] == "daemon-reload", calls
+    for gone in ("opt/dsagent", "usr/bin/dsagent", "lib/systemd/system/dsagent.service"):
+        assert not os.path.lexists(r / gone), gone
+    status = root.chroot("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "dsagent")
+    assert status.stdout.strip() == "rc"  # removed, config files remain
+    assert root.leftovers() == {"/etc/dsagent/agent.toml", "/etc/dsagent/agent.toml.example",
+                                "/var/lib/dsagent/credentials.json"}
+
+    # Purge: config, state and logs gone too; nothing of the package is left.
+    dpkg("--purge", "dsagent")
+    assert not (r / "etc/dsagent").exists() and not (r / "var/lib/dsagent").exists()
+    assert root.chroot("dpkg-query", "-W", "dsagent").returncode != 0
+    assert root.leftovers() == set()
