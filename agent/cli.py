@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import parse_hostport
+from .config import DEFAULT_CONFIG_PATH, parse_hostport
 from .errors import ConfigError
 
 
@@ -77,6 +77,23 @@ def _cmd_new_handler(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from .doctor import doctor
+    from .logsetup import setup_logging
+
+    setup_logging("doctor", level="ERROR")  # findings say it all; no log lines among them
+    return doctor(args.config, args.json)
+
+
+def _cmd_enroll(args) -> int:
+    from .enroll import enroll
+    from .logsetup import setup_logging
+
+    setup_logging("enroll", level="ERROR")
+    return enroll(args.server, args.key, args.config, state_dir=args.state_dir, name=args.name,
+                  force=args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsagent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     new_handler.add_argument("--dir", default=".", help="where to create NAME/ (default: here)")
     new_handler.add_argument("--task-type", help="the task type it serves (default: NAME in CamelCase)")
     new_handler.set_defaults(func=_cmd_new_handler)
+
+    doctor = sub.add_parser("doctor", help="check the seed's classic failures; say what to do")
+    doctor.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    doctor.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    enroll = sub.add_parser("enroll", help="register with a task server, write the config (0600)")
+    enroll.add_argument("--server", required=True, metavar="URL", help="the task server's URL")
+    enroll.add_argument("--key", required=True, help="the server's enrollment key")
+    enroll.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="where to write the config")
+    enroll.add_argument("--state-dir", help="[agent] state_dir (default /var/lib/dsagent)")
+    enroll.add_argument("--name", help="the name to register (default: the host name)")
+    enroll.add_argument("--force", action="store_true",
+                        help="replace an existing config's identity, keeping its other settings")
+    enroll.set_defaults(func=_cmd_enroll)
     return parser
 
 

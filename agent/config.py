@@ -28,6 +28,7 @@ from typing import Any
 from .errors import ConfigError
 
 REQUIRED = object()
+DEFAULT_CONFIG_PATH = "/etc/dsagent/agent.toml"   # where the Debian package puts it
 
 # section -> key -> (type, default or REQUIRED)
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
@@ -135,8 +136,12 @@ class Config:
         return target
 
 
-def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",)) -> Config:
-    """Read and check a config file; ``require`` lists sections that must exist."""
+def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",),
+                check_mode: bool = True) -> Config:
+    """Read and check a config file; ``require`` lists sections that must exist.
+
+    ``check_mode=False`` skips the mode rule (``dsagent doctor`` reports it
+    as a finding instead of stopping)."""
     path = str(path)
     try:
         with open(path, "rb") as fh:
@@ -150,7 +155,8 @@ def load_config(path: str | os.PathLike, require: tuple[str, ...] = ("agent",)) 
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML (arrays or tables nested too deeply)") from None
     config = check_config(raw, path, require)
-    _check_mode(path, config)
+    if check_mode:
+        _check_mode(path, config)
     return config
 
 
@@ -216,3 +222,61 @@ def _check_values(config: Config) -> None:
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
+
+def toml_value(value: Any) -> str:
+    """``value`` (str, int or bool) as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    out = ['"']
+    for ch in str(value):
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def render_config(sections: dict[str, dict[str, Any]], header: list[str]) -> str:
+    """A config file (TOML) from ``{section: {key: value}}``, ``header`` as comments."""
+    lines = [f"# {line}" for line in header]
+    for section, table in sections.items():
+        if not table:
+            continue
+        lines.append("")
+        lines.append(f"[{section}]")
+        width = max(len(key) for key in table)
+        lines += [f"{key.ljust(width)} = {toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_private(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, mode 0600 from the first byte
+    (it holds secrets), fsync'ed; a reader sees the old file or the new one."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # left by a killed run; never write into a file found there
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from .config import check_config, load_config
 from .errors import DsagentError, TaskDocumentError
 from .events import make_event
+from .progressbar import ProgressBar
 from .reaper import become_subreaper, kill_adopted
 from .runner import execute
 from .taskxml import parse_client_tasks
@@ -23,11 +24,13 @@ from .workerpool import WorkerPool
 
 
 class PrintRecorder:
-    """Prints §3 events (one JSON object per line with ``as_json``)."""
+    """Prints §3 events (one JSON object per line with ``as_json``); a task's
+    progress also redraws ``bar`` (a no-op unless stderr is a terminal)."""
 
-    def __init__(self, out: TextIO, as_json: bool):
+    def __init__(self, out: TextIO, as_json: bool, bar: ProgressBar | None = None):
         self.out = out
         self.as_json = as_json
+        self.bar = bar or ProgressBar(enabled=False)
         self.seq: dict[str, int] = {}
         self.final: dict[str, str] = {}
 
@@ -36,6 +39,7 @@ class PrintRecorder:
         event = make_event(task.id, seq, state, progress, message, details)
         if state in ("succeeded", "failed", "cancelled", "timed_out"):
             self.final[task.id] = state
+        self.bar.clear()
         if self.as_json:
             self.out.write(json.dumps(event) + "\n")
         else:
@@ -46,6 +50,8 @@ class PrintRecorder:
                 for key, value in details.items():
                     self.out.write(f"    {key}: {value!r}\n")
         self.out.flush()
+        if progress is not None and state in ("running", "progress"):
+            self.bar.update(progress, f"{task.type} {message or state}".strip(), force=True)
 
 
 def run_tasks(path: str, config_path: str | None, as_json: bool,
@@ -60,7 +66,7 @@ def run_tasks(path: str, config_path: str | None, as_json: bool,
         kind = "task document" if isinstance(exc, (TaskDocumentError, OSError)) else "config"
         err.write(f"dsagent run-task: cannot read the {kind}: {reason}\n")
         return 2
-    recorder = PrintRecorder(out, as_json)
+    recorder = PrintRecorder(out, as_json, ProgressBar(err))
     for message in document.skipped:
         err.write(f"dsagent run-task: {message}\n")
     for bad in document.rejected:

@@ -13,6 +13,7 @@ import json
 import logging
 import platform
 import socket
+import ssl
 import time
 import uuid
 from typing import Any
@@ -37,6 +38,26 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def failure_kind(exc: BaseException) -> str:
+    """Why a call failed: "auth" (token or key refused), "tls", "timeout",
+    "unreachable" or "answer" (HTTP error or unusable reply); read from the
+    httpx error a ServerError keeps as its context (doctor and enroll say it)."""
+    if isinstance(exc, AuthError):
+        return "auth"
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return "tls"
+    if any(isinstance(e, httpx.TimeoutException) for e in chain):
+        return "timeout"
+    if any(isinstance(e, (httpx.ConnectError, httpx.NetworkError, OSError)) for e in chain):
+        return "unreachable"
+    return "answer"
+
+
 class ServerAPI:
     """Calls to one task server; ``client_id``/``token`` may be set after register()."""
 
@@ -48,6 +69,7 @@ class ServerAPI:
         self.deadline = 2 * timeout if deadline is None else deadline
         self.client_id = client_id
         self.token = token
+        self.last_date: str | None = None  # Date header of the last answer (doctor's clock check)
         parts = urlsplit(self.server_url)
         if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
             log.warning("server_url %s is plain http: status and tasks travel unencrypted",
@@ -73,6 +95,7 @@ class ServerAPI:
         deadline = time.monotonic() + self.deadline
         try:
             with self._http.stream(method, path, **kwargs) as response:
+                self.last_date = response.headers.get("date")
                 coding = response.headers.get("content-encoding", "identity").strip().lower()
                 if coding not in ("", "identity"):
                     raise ServerError(f"{where}: answer with Content-Encoding {coding!r} refused "

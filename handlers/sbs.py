@@ -360,6 +360,13 @@ def waiting_files(sbs_dir: str, exclude: str, fresh: bool = False) -> tuple[int,
     return waiting, stale
 
 
+def waiting_mtimes(sbs_dir: str) -> dict[str, float]:
+    """Each .sbs file waiting in the folder and its mtime, from a fresh scan
+    (``dsagent doctor`` names the files that pile up)."""
+    waiting_files(sbs_dir, "", fresh=True)
+    return dict(_scans[sbs_dir].mtimes)
+
+
 def _remove_orphan(sbs_dir: str, entry: str) -> None:
     match = TMP_RE.fullmatch(entry)
     if not match or int(match.group(1)) == os.getpid():
@@ -556,4 +563,5 @@ def dsagent_cancel_task(task):
         _kill_group(proc)
 
 
-__all__ = ["__version__", "write_sbs_file", "make_name", "waiting_files", "wake_interface"]
+__all__ = ["__version__", "write_sbs_file", "make_name", "waiting_files", "waiting_mtimes",
+           "wake_interface"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -28,7 +27,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from agent.config import SCHEMA as AGENT_SCHEMA, check_config
+from agent.config import SCHEMA as AGENT_SCHEMA, check_config, render_config, write_private
 from agent.errors import DsagentError
 
 from .app import TaskServer, tickle_client
@@ -43,39 +42,11 @@ class CliError(Exception):
 
 # -- helpers -----------------------------------------------------------------
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    out = ['"']
-    for ch in str(value):
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
 def render_agent_config(sections: dict[str, dict[str, Any]]) -> str:
     """A §6 agent config (TOML) from ``{section: {key: value}}``."""
-    lines = ["# dsagent agent config, written by `dsagent-server enroll`.",
-             "# It holds this client's token and tickle key: keep it private (mode 0600)."]
-    for section, table in sections.items():
-        if not table:
-            continue
-        lines.append("")
-        lines.append(f"[{section}]")
-        width = max(len(key) for key in table)
-        lines += [f"{key.ljust(width)} = {_toml_value(value)}" for key, value in table.items()]
-    return "\n".join(lines) + "\n"
+    return render_config(sections, [
+        "dsagent agent config, written by `dsagent-server enroll`.",
+        "It holds this client's token and tickle key: keep it private (mode 0600)."])
 
 
 def _parse_setting(text: str) -> tuple[str, str, Any]:
@@ -114,18 +85,7 @@ def write_agent_config(path: str, server_url: str, state_dir: str, creds: dict,
     target = Path(path)
     if target.parent != Path(""):
         target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private(target, text)
 
 
 def _one_line(text: Any, limit: int = 80) -> str:

@@ -46,18 +46,7 @@ TRICKY = {
 
 # -- fixtures -----------------------------------------------------------------
 
-@pytest.fixture
-def store(tmp_path):
-    with TaskStore(str(tmp_path / "server.db")) as s:
-        yield s
-
-
-@pytest.fixture
-def server(store):
-    srv = TaskServer(store, enrollment_key=ENROLL_KEY, poll_interval_s=17).start()
-    yield srv
-    srv.stop()
-
+# store and server: tests/conftest.py
 
 @pytest.fixture
 def creds(store):

@@ -1,0 +1,449 @@
+"""``dsagent doctor``: check each classic failure of the seed, say what to do.
+
+Each check gives ok, warn, fail or skip (not configured here), a one-line
+finding naming the file, port, package or process, and a one-line action.
+The exit status is 0 when no check failed (warnings do not fail: they are
+things to look at, like a store nearly full), 1 otherwise. Checks only
+read, except the image store's probe file (created, fsync'ed, removed) and
+the SBS folder scan, which removes temporary files of dead workers as the
+UpdateSBSInfo handler does. docs/troubleshooting.md lists the checks.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, TextIO
+from urllib.parse import urlsplit
+
+import psutil
+
+from .config import Config, _check_mode, load_config, parse_hostport
+from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError
+from .progressbar import ProgressBar
+from .serverapi import ServerAPI, failure_kind, is_loopback_host
+from .supervisor import CHILDREN
+from .taskxml import parse_client_tasks
+
+SKEW_FAIL_S = 300          # PROTOCOL.md §2: a tickle more than 300 s off is refused (stale)
+SKEW_WARN_S = 60
+LOW_FREE_FRACTION = 0.10   # the image store warns under 10 % free ...
+LOW_FREE_BYTES = 4 << 30   # ... or under 4 GiB free
+PROBE_BYTES = 4096
+TASKS_LIMIT = 16 << 20
+SERVER_TIMEOUT_S = 10.0
+STATUSES = ("ok", "warn", "fail", "skip")
+
+
+@dataclass
+class Result:
+    name: str
+    status: str       # ok | warn | fail | skip
+    finding: str
+    action: str = ""
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _oserror(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+class Doctor:
+    """Runs the checks in order; later checks use what earlier ones found
+    (the config, the server's Date header)."""
+
+    def __init__(self, config_path: str):
+        self.path = config_path
+        self.config: Config | None = None
+        self.server_date: str | None = None   # Date header of the server's answer
+        self.asked_at = 0.0                   # local time in the middle of that request
+        self.checks: list[tuple[str, Callable[[], Result]]] = [
+            ("config", self.check_config), ("state-dir", self.check_state_dir),
+            ("objecthost-port", lambda: self.check_port("objecthost")),
+            ("cta-port", lambda: self.check_port("cta")),
+            ("server", self.check_server), ("clock", self.check_clock),
+            ("sbs", self.check_sbs), ("drivers", self.check_drivers),
+            ("image-store", self.check_image_store),
+        ]
+
+    def run(self, bar: ProgressBar) -> list[Result]:
+        results = []
+        for index, (name, check) in enumerate(self.checks):
+            bar.update(100 * index / len(self.checks),
+                       f"check {index + 1} of {len(self.checks)}: {name}", force=True)
+            if self.config is None and name != "config":
+                results.append(Result(name, "skip", f"the config {self.path} cannot be used",
+                                      "fix the config first (see the config check)"))
+                continue
+            results.append(check())
+        bar.clear()
+        return results
+
+    # ---- config and modes ---------------------------------------------------
+    def check_config(self) -> Result:
+        name, path = "config", self.path
+        if not os.path.exists(path):
+            return Result(name, "fail", f"{path} does not exist",
+                          f"enroll this machine: dsagent enroll --server URL --key KEY "
+                          f"--config {path}")
+        try:
+            config = load_config(path, check_mode=False)
+        except ConfigError as exc:
+            return Result(name, "fail", str(exc), f"fix {path} (PROTOCOL.md §6, docs/config.md)")
+        self.config = config
+        try:
+            _check_mode(path, config)
+        except ConfigError as exc:
+            return Result(name, "fail", str(exc), f"chmod 600 {path}")
+        mode = _mode(path)
+        if mode & 0o002:
+            return Result(name, "fail", f"{path} is world-writable (mode {mode:04o}): any user "
+                          "can point the agent at another server", f"chmod 600 {path}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if _mode(folder) & 0o002:
+            return Result(name, "fail", f"the config's folder {folder} is world-writable: any "
+                          "user can replace the config", f"chmod o-w {folder}")
+        return Result(name, "ok", f"{path} is valid, mode {mode:04o}")
+
+    def check_state_dir(self) -> Result:
+        name = "state-dir"
+        state = str(self.config.state_dir)
+        if not os.path.lexists(state):
+            return Result(name, "ok", f"{state} does not exist yet; dsagent run creates it "
+                          "(mode 0700)")
+        if not os.path.isdir(state):
+            return Result(name, "fail", f"[agent] state_dir {state} is not a folder",
+                          f"remove {state} or set [agent] state_dir in {self.path}")
+        for secret in ("credentials.json", "hop.key"):
+            path = os.path.join(state, secret)
+            if os.path.exists(path) and _mode(path) & 0o077:
+                return Result(name, "fail", f"{path} holds secrets but its mode is "
+                              f"{_mode(path):04o}, readable by other users",
+                              f"chmod 600 {path}")
+        mode = _mode(state)
+        if mode & 0o002:
+            return Result(name, "fail", f"{state} is world-writable (mode {mode:04o})",
+                          f"chmod 700 {state}")
+        if mode & 0o077:
+            return Result(name, "warn", f"{state} has mode {mode:04o}, not 0700 (SECURITY.md); "
+                          "dsagent run resets it at start", f"chmod 700 {state}")
+        return Result(name, "ok", f"{state} mode {mode:04o}; secrets in it are private")
+
+    # ---- ports ----------------------------------------------------------------
+    def check_port(self, section: str) -> Result:
+        name = f"{section}-port"
+        listen = self.config.get(section, "listen")
+        host, port = parse_hostport(listen, f"[{section}] listen")
+        module = dict(CHILDREN)[section]
+        on_port = [c for c in psutil.net_connections("tcp")
+                   if c.laddr and c.laddr.port == port and _overlaps(host, c.laddr.ip)]
+        for conn in (c for c in on_port if not c.raddr):
+            if conn.pid is None:
+                return Result(name, "fail", f"{listen} is taken by a program of another user",
+                              "run dsagent doctor as root to name it, then stop it or move "
+                              f"[{section}] listen in {self.path}")
+            try:
+                proc = psutil.Process(conn.pid)
+                cmdline, pname = proc.cmdline(), proc.name()
+            except psutil.Error:
+                continue  # it just exited
+            if not _is_module(cmdline, module):
+                return Result(name, "fail", f"{listen} is taken by another program: {pname} "
+                              f"(pid {conn.pid})",
+                              f"stop {pname} (pid {conn.pid}) or move [{section}] listen in "
+                              f"{self.path} to a free port")
+            theirs = _config_arg(cmdline)
+            if theirs and not _same_file(theirs, self.path):
+                return Result(name, "fail", f"{listen} is held by the {section} of another "
+                              f"agent (pid {conn.pid}, config {theirs})",
+                              f"stop that agent or give the two configs different "
+                              f"[{section}] listen ports")
+            return Result(name, "ok", f"{listen} is bound by our {section} (pid {conn.pid})")
+        problem = _bind_problem(host, port)
+        if problem and any(c.status == psutil.CONN_TIME_WAIT for c in on_port):
+            return Result(name, "warn", f"{listen} is held by closed connections in TIME_WAIT "
+                          "(of a program that has exited)",
+                          "wait a minute: the system frees them; then start the agent")
+        if problem:
+            return Result(name, "fail", f"{listen} cannot be bound: {problem}",
+                          f"set [{section}] listen in {self.path} to an address of this machine "
+                          "and a free port")
+        supervisor = _find_supervisor(self.path)
+        if supervisor:
+            return Result(name, "fail", f"nothing listens on {listen} although dsagent run "
+                          f"(pid {supervisor}) runs: its {section} is down or restarting",
+                          "look at the agent's log for why it exits")
+        return Result(name, "warn", f"nothing listens on {listen}: dsagent run is not running "
+                      f"with {self.path}", f"start the agent: dsagent run --config {self.path}")
+
+    # ---- server and clock ---------------------------------------------------------
+    def check_server(self) -> Result:
+        name = "server"
+        url = self.config.get("agent", "server_url")
+        try:
+            creds = self.config.credentials()
+        except ConfigError as exc:
+            return Result(name, "fail", str(exc), "remove it and register again "
+                          "(dsagent enroll, or [agent] enrollment_key and dsagent run)")
+        if creds is None:
+            if self.config.get("agent", "enrollment_key"):
+                return Result(name, "warn", f"not registered yet: no token in {self.path} nor in "
+                              f"{self.config.state_dir}/credentials.json",
+                              "start dsagent run: it registers with [agent] enrollment_key")
+            return Result(name, "fail", f"no credentials: {self.path} has no token and "
+                          "no enrollment_key",
+                          f"dsagent enroll --server {url} --key KEY --config {self.path} --force")
+        api = ServerAPI(url, creds.client_id, creds.token, timeout=SERVER_TIMEOUT_S)
+        before = time.time()
+        try:
+            document = parse_client_tasks(api.get_tasks(TASKS_LIMIT))
+        except (ServerError, TaskDocumentError) as exc:
+            return self._server_failure(url, creds.client_id, exc)
+        finally:
+            self._note_date(api, before)
+            api.close()
+        pending = len(document.tasks) + len(document.rejected)
+        found = (f"{url} answered GET tasks for client {creds.client_id} "
+                 f"({pending} pending task(s))")
+        parts = urlsplit(url)
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+            return Result(name, "warn", found + ", over plain http to a non-loopback host: "
+                          "the token travels unencrypted",
+                          f"use an https:// server_url in {self.path}")
+        return Result(name, "ok", found)
+
+    def _note_date(self, api: ServerAPI, before: float) -> None:
+        self.server_date = api.last_date
+        self.asked_at = (before + time.time()) / 2
+
+    def _server_failure(self, url: str, client_id: str, exc: DsagentError) -> Result:
+        kind = "answer" if isinstance(exc, TaskDocumentError) else failure_kind(exc)
+        actions = {
+            "auth": ("the server refused the token of client " + client_id,
+                     "the client was removed or its token rotated on the server: enroll again "
+                     f"(dsagent enroll --server {url} --key KEY --config {self.path} --force)"),
+            "tls": ("TLS with the server failed",
+                    "install the server's CA certificate or fix its certificate's name; "
+                    "never turn verification off"),
+            "timeout": ("the server did not answer in time",
+                        "check that the task server is up and not overloaded"),
+            "unreachable": ("the server is unreachable",
+                            f"start the task server or fix [agent] server_url in {self.path}; "
+                            "check the network and firewall"),
+            "answer": ("the server gave an unusable answer",
+                       f"check that [agent] server_url in {self.path} is a dsagent task server"),
+        }
+        what, action = actions[kind]
+        return Result("server", "fail", f"{what}: {exc}", action)
+
+    def check_clock(self) -> Result:
+        name = "clock"
+        if self.server_date is None:
+            return Result(name, "skip", "no Date header from the server to compare with",
+                          "see the server check")
+        try:
+            server = email.utils.parsedate_to_datetime(self.server_date).timestamp()
+        except (TypeError, ValueError):
+            return Result(name, "warn", f"the server's Date header {self.server_date!r} "
+                          "cannot be read", "check the task server's HTTP front end")
+        skew = self.asked_at - (server + 0.5)   # Date has whole seconds
+        how = (f"this machine's clock is {abs(skew):.0f} s "
+               f"{'ahead of' if skew > 0 else 'behind'} the task server's (its Date header)")
+        sync = "synchronise the clocks (NTP: timedatectl set-ntp true, or chronyc makestep)"
+        if abs(skew) > SKEW_FAIL_S:
+            return Result(name, "fail", f"{how}: tickles are refused as stale beyond "
+                          f"{SKEW_FAIL_S} s", sync)
+        if abs(skew) > SKEW_WARN_S:
+            return Result(name, "warn", f"{how}; tickles fail beyond {SKEW_FAIL_S} s", sync)
+        return Result(name, "ok", f"{how}, within {SKEW_WARN_S} s")
+
+    # ---- handlers' folders ------------------------------------------------------
+    def _folder(self, name: str, key: str, what: str, unset: tuple[str, str]
+                ) -> tuple[str, Result | None]:
+        """``[handlers] key`` and, when it is unset (skip) or no folder (fail), the result."""
+        folder = self.config.get("handlers", key)
+        if not folder:
+            return "", Result(name, "skip", f"[handlers] {key} is not set ({unset[0]})",
+                              f"set it in {self.path} {unset[1]}")
+        if not os.path.isdir(folder):
+            return folder, Result(name, "fail", f"{what} {folder} ([handlers] {key}) is not a "
+                                  "folder", f"create it or fix [handlers] {key} in {self.path}")
+        return folder, None
+
+    def check_sbs(self) -> Result:
+        from handlers.sbs import STALE_AFTER_S, waiting_mtimes
+
+        name = "sbs"
+        folder, unusable = self._folder(name, "sbs_dir", "SBS folder",
+                                        ("not a PXE server", "on a PXE server"))
+        if unusable:
+            return unusable
+        if not os.access(folder, os.W_OK):
+            return Result(name, "fail", f"SBS folder {folder} is not writable by this user",
+                          f"let the agent's user write in {folder}")
+        now = time.time()
+        waiting = waiting_mtimes(folder)
+        stale = sorted((mtime, file) for file, mtime in waiting.items()
+                       if now - mtime > STALE_AFTER_S)
+        if stale:
+            mtime, oldest = stale[0]
+            return Result(name, "fail", f"{len(stale)} .sbs file(s) waited over "
+                          f"{STALE_AFTER_S:g} s in {folder} (oldest {oldest}, "
+                          f"{now - mtime:.0f} s): the PXE services look stopped",
+                          "start the PXE services, the Interface (_netboot_NSInterface) first; "
+                          "it takes the files within a second")
+        if waiting:
+            return Result(name, "ok", f"{len(waiting)} .sbs file(s) in {folder}, all younger "
+                          f"than {STALE_AFTER_S:g} s (being taken)")
+        return Result(name, "ok", f"{folder} holds no waiting .sbs file")
+
+    def check_drivers(self) -> Result:
+        from handlers.bootwiz.build import PackageChecker
+
+        name = "drivers"
+        store, unusable = self._folder(name, "package_store", "package store", (
+            "no BootWiz here", "on a site server that rebuilds preboot configurations"))
+        if unusable:
+            return unusable
+        packages = sorted(e for e in os.listdir(store)
+                          if not e.startswith(".") and os.path.isdir(os.path.join(store, e)))
+        checker = PackageChecker(store, lambda: False, lambda _n: None)
+        files = sum(len(checker.check(pid)) for pid in packages)
+        if checker.problems:
+            bad = sorted({p["package"] for p in checker.problems})
+            more = len(checker.problems) - 1
+            return Result(name, "fail", checker.problems[0]["message"]
+                          + (f" (and {more} more problem(s); packages: {', '.join(bad)})"
+                             if more else ""),
+                          "wait for package replication to finish (or replicate "
+                          f"{', '.join(bad)} again), then run BootWizRebuild")
+        return Result(name, "ok", f"{len(packages)} driver package(s) in {store} complete "
+                      f"({files} file(s) match their manifests)")
+
+    def check_image_store(self) -> Result:
+        name = "image-store"
+        store, unusable = self._folder(name, "image_store", "image store", (
+            "no imaging here", "where images are captured or deployed"))
+        if unusable:
+            return unusable
+        probe = os.path.join(store, f".dsagent-doctor.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, b"\0" * PROBE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as exc:
+            return Result(name, "fail", f"cannot write in the image store {store}: "
+                          f"{_oserror(exc)}",
+                          "mount it read-write and let the agent's user write there")
+        usage = shutil.disk_usage(store)
+        share = usage.free / usage.total if usage.total else 0.0
+        free = f"{_size(usage.free)} free ({share:.0%} of {_size(usage.total)})"
+        if share < LOW_FREE_FRACTION or usage.free < LOW_FREE_BYTES:
+            return Result(name, "warn", f"image store {store} is nearly full: {free}",
+                          "free space or grow it: a capture needs room for its compressed image")
+        return Result(name, "ok", f"image store {store} is writable; {free}")
+
+
+def _overlaps(host: str, bound: str) -> bool:
+    """Whether a socket bound to ``bound`` keeps ``host`` (same port) from binding."""
+    wildcard = ("", "0.0.0.0", "::")
+    return host in wildcard or bound in wildcard or host == bound or (
+        host == "localhost" and bound in ("127.0.0.1", "::1"))
+
+
+def _is_module(cmdline: list[str], module: str) -> bool:
+    return "-m" in cmdline and module in cmdline
+
+
+def _config_arg(cmdline: list[str]) -> str | None:
+    if "--config" in cmdline[:-1]:
+        return cmdline[cmdline.index("--config") + 1]
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why this machine cannot listen on host:port now ("" if it can)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"host {host!r} does not resolve ({exc.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is in use (a socket bound but not listening)"
+            return _oserror(exc)
+    return ""
+
+
+def _find_supervisor(config_path: str) -> int | None:
+    """The pid of ``dsagent run`` with this config, if one runs."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "run" in cmdline and any(part.endswith(("dsagent", "agent")) for part in cmdline[:3]):
+            theirs = _config_arg(cmdline)
+            if theirs and _same_file(theirs, config_path):
+                return proc.info["pid"]
+    return None
+
+
+def format_table(results: list[Result]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = []
+    for r in results:
+        lines.append(f"{r.status.upper() if r.status == 'fail' else r.status:<5} "
+                     f"{r.name:<{width}}  {r.finding}")
+        if r.status in ("warn", "fail") and r.action:
+            lines.append(f"{'':<5} {'':<{width}}  what to do: {r.action}")
+    counts = ", ".join(f"{sum(r.status == s for r in results)} {s}" for s in STATUSES)
+    lines.append(f"{len(results)} checks: {counts}")
+    return "\n".join(lines)
+
+
+def doctor(config_path: str, as_json: bool, out: TextIO = sys.stdout,
+           err: TextIO = sys.stderr) -> int:
+    """Run every check, print the table (or JSON); 0 when none failed."""
+    results = Doctor(config_path).run(ProgressBar(err))
+    failed = any(r.status == "fail" for r in results)
+    if as_json:
+        out.write(json.dumps({"config": config_path, "ok": not failed,
+                              "checks": [asdict(r) for r in results]}, indent=2) + "\n")
+    else:
+        out.write(format_table(results) + "\n")
+    out.flush()
+    return 1 if failed else 0
