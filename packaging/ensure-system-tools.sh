@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system tools that tests and benches use, when missing.
 # Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
-# (the tests that need a tool skip with its name; tests/test_powercut.py fails
-# without cc, which builds its LD_PRELOAD shim: it must not pass unchecked).
+# (the tests that need a tool skip with its name; tests/test_powercut.py and
+# tests/test_flood.py fail without cc, which builds the LD_PRELOAD shim and the
+# flood generator: they must not pass unchecked).
 set -u
 declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone [cc]=gcc
                 [systemd-analyze]=systemd)
