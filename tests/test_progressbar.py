@@ -101,3 +101,26 @@ def test_doctor_and_enroll_show_their_steps_on_a_terminal(tmp_path, server):
 
     result = run_piped(["doctor", "--config", config])
     assert_no_control(result.stdout + result.stderr)
+
+
+def test_run_task_of_an_imaging_task_draws_its_progress(tmp_path):
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as fh:  # a disk file with data in 1 MiB runs among holes
+        for mib in range(0, 64, 2):
+            fh.seek(mib << 20)
+            fh.write(os.urandom(1 << 20))
+    (tmp_path / "images").mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[handlers]\nimage_store = "{tmp_path / "images"}"\n')
+    tasks = tmp_path / "tasks.xml"
+    tasks.write_text(f'<ClientTasks><Task id="{uuid.uuid4()}" type="CreateImage"><Parameters>'
+                     f'<Parameter name="source">{disk}</Parameter>'
+                     '<Parameter name="image">golden</Parameter></Parameters></Task></ClientTasks>')
+    code, stdout, terminal = run_with_tty_stderr(
+        ["run-task", str(tasks), "--config", str(config), "--json"])
+    assert code == 0, stdout
+    events = [json.loads(line) for line in stdout.splitlines()]
+    assert events[-1]["state"] == "succeeded"
+    assert any(e["state"] == "progress" for e in events)
+    assert_no_control(stdout)
+    assert "CreateImage" in terminal and "MiB" in terminal and "%" in terminal
