@@ -134,12 +134,8 @@ class FlakyObjecthost:
             with conn:
                 conn.settimeout(5)
                 self.connections += 1
-                data = b""
-                while not data.endswith(b"\n") and len(data) < 512:
-                    chunk = conn.recv(512)
-                    if not chunk:
-                        break
-                    data += chunk
+                with conn.makefile("rb") as reader:
+                    reader.readline(512)
                 answer = self.first.pop(0) if self.first else b"OK\n"
                 if answer is None:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
@@ -176,22 +172,16 @@ def test_task_server_retries_a_reset_or_busy_tickle_once(store, caplog, first, w
         peer.close()
 
 
-def test_task_server_retries_only_once(store):
-    peer = FlakyObjecthost([b"ERR busy\n", b"ERR busy\n"])
+@pytest.mark.parametrize("first, result, connections", [
+    pytest.param([b"ERR busy\n", b"ERR busy\n"], "ERR busy", 2, id="busy-twice-gives-up"),
+    pytest.param([b"ERR bad-signature\n"], "ERR bad-signature", 1, id="other-refusals-not-retried"),
+])
+def test_task_server_retries_only_once_and_only_reset_or_busy(store, first, result, connections):
+    peer = FlakyObjecthost(first)
     try:
         store.enroll("pc-retry", tickle_addr=f"127.0.0.1:{peer.port}")
-        assert tickle_client(store, "pc-retry") == "ERR busy"
-        assert peer.connections == 2
-    finally:
-        peer.close()
-
-
-def test_task_server_does_not_retry_other_refusals(store):
-    peer = FlakyObjecthost([b"ERR bad-signature\n"])
-    try:
-        store.enroll("pc-retry", tickle_addr=f"127.0.0.1:{peer.port}")
-        assert tickle_client(store, "pc-retry") == "ERR bad-signature"
-        assert peer.connections == 1
+        assert tickle_client(store, "pc-retry") == result
+        assert peer.connections == connections
     finally:
         peer.close()
 
