@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,14 @@ class Root:
         self.base = base
         self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
                                         "sleep", "infinity"])
+        # Until unshare has run, nsenter would join (and mount in) ours.
+        ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
+        while os.readlink(f"/proc/{self.holder.pid}/ns/mnt") == ours:
+            if self.holder.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"unshare --mount did not make a mount namespace "
+                                   f"(exit status {self.holder.poll()})")
+            time.sleep(0.01)
         # The mounts exist only in the namespace: this process sees them
         # through the holder's /proc/PID/root.
         seen = Path(f"/proc/{self.holder.pid}/root") / base.relative_to("/")
@@ -252,7 +261,10 @@ def root(tmp_path):
         pytest.skip("installing the .deb into a throwaway root needs root (mount namespaces)")
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.skip("util-linux unshare/nsenter not found")
-    tree = Root(tmp_path)
+    try:
+        tree = Root(tmp_path)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
     try:
         why = tree.mount()
         if why:
