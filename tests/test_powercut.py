@@ -13,8 +13,11 @@ output (DSAGENT_POWERCUT_SEED=... replays it); bench/powercut.py runs more.
 
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.powercut from the root
 
@@ -78,3 +81,10 @@ def test_crash_model_keeps_only_what_was_synced():
     assert disk.crash(random.Random(0), "all") == {"f": b"b" * 1024}
     seen = {disk.crash(random.Random(i), "subset")["f"] for i in range(64)}
     assert seen == {b"a" * 1024, b"b" * 1024, b"a" * 512 + b"b" * 512, b"b" * 512 + b"a" * 512}
+
+
+def test_no_compiler_is_an_error_not_a_pass(tmp_path, monkeypatch):
+    """Without cc the campaign cannot run: it must fail, saying how to fix it."""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(harness.ToolMissing, match="ensure-system-tools.sh"):
+        harness.campaign([{"steps": 1}], points=1, seed=SEED, workdir=tmp_path)

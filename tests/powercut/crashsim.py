@@ -14,7 +14,7 @@ volatile write cache that honours flushes):
   their order (the ext4 journal commits metadata in order), possibly empty.
   Not even an ``fsync`` of a new file makes its name durable here: POSIX does
   not promise it, and although ext4's journal does it in practice, this model
-  does not count on it (``file_sync_makes_name_durable=True`` turns it on).
+  does not count on it.
 - The ``-shm`` file is not logged and not part of any state: SQLite rebuilds
   it from the WAL when it finds none.
 
@@ -104,9 +104,7 @@ class Inode:
 class Disk:
     """The watched directory as the replay goes: durable part and pending part."""
 
-    def __init__(self, start: dict[str, tuple[int, bytes]], *,
-                 file_sync_makes_name_durable: bool = False):
-        self.file_sync_names = file_sync_makes_name_durable
+    def __init__(self, start: dict[str, tuple[int, bytes]]):
         self.by_ino: dict[int, Inode] = {}
         self.dir_inos: set[int] = set()
         self.names: dict[str, Inode] = {}          # durable names
@@ -157,10 +155,6 @@ class Disk:
         for change in inode.pending:
             _apply(inode.durable, change)
         inode.pending.clear()
-        if self.file_sync_names:
-            links = [i for i, m in enumerate(self.pending_names) if m[0] == "link" and m[2] is inode]
-            if links:
-                self._names_durable(links[-1] + 1)
 
     def _names_durable(self, n: int) -> None:
         for change in self.pending_names[:n]:

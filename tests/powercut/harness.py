@@ -276,9 +276,9 @@ def verify_log(run: Run) -> None:
     disk = Disk(run.start)
     for op in run.ops:
         disk.apply(op)
-    if disk.live_files() != run.on_disk:
-        differ = sorted(n for n in set(disk.live_files()) | set(run.on_disk)
-                        if disk.live_files().get(n) != run.on_disk.get(n))
+    live = disk.live_files()
+    if live != run.on_disk:
+        differ = sorted(n for n in set(live) | set(run.on_disk) if live.get(n) != run.on_disk.get(n))
         raise AssertionError(f"replaying the log does not give the files on disk: {differ}")
     marks = [json.loads(op.data) for op in run.ops if op.kind == MARK]
     if marks[:len(run.piped)] != run.piped or len(marks) > len(run.piped) + 1:
@@ -286,13 +286,13 @@ def verify_log(run: Run) -> None:
 
 
 def check_run(run: Run, tally: Tally, rng: random.Random, points: int, workdir: Path,
-              label: str, *, file_sync_makes_name_durable: bool = False) -> None:
+              label: str) -> None:
     """Crash states at ``points`` random places of the log (and its end), each in
     every way of HOW plus one more random subset."""
     verify_log(run)
     n = len(run.ops)
     where = sorted(set(rng.sample(range(n), min(points - 1, n))) | {n})
-    disk = Disk(run.start, file_sync_makes_name_durable=file_sync_makes_name_durable)
+    disk = Disk(run.start)
     facts = Facts()
     for ack in run.before:
         facts.add(ack)
@@ -311,8 +311,7 @@ def check_run(run: Run, tally: Tally, rng: random.Random, points: int, workdir: 
     tally.killed += run.killed
 
 
-def campaign(runs: list[dict], points: int, seed: int, workdir: Path | None = None,
-             **model) -> Tally:
+def campaign(runs: list[dict], points: int, seed: int, workdir: Path | None = None) -> Tally:
     """Run each workload (keyword arguments of run_workload) and check its crash
     states. Unless given, the kill comes after a random number of file operations
     (a step logs about 14)."""
@@ -326,6 +325,6 @@ def campaign(runs: list[dict], points: int, seed: int, workdir: Path | None = No
         for i, spec in enumerate(runs):
             run_dir = base / f"run{i}"
             run = run_workload(shim, run_dir, seed + 1000 * i, **spec)
-            check_run(run, tally, rng, points, run_dir, f"run {i} (seed {seed + 1000 * i})", **model)
+            check_run(run, tally, rng, points, run_dir, f"run {i} (seed {seed + 1000 * i})")
             shutil.rmtree(run_dir)
     return tally
