@@ -65,6 +65,38 @@ def _cmd_tickle(args) -> int:
     return 0 if answer == "OK" else 1
 
 
+def _load_config_or_exit(path: str, command: str):
+    from .config import load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"dsagent {command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cmd_logs(args) -> int:
+    from pathlib import Path
+
+    from .logsetup import log_dir
+    from .logview import parse_since, show
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ConfigError as exc:
+        print(f"dsagent logs: {exc}", file=sys.stderr)
+        return 2
+    folder = Path(args.log_dir) if args.log_dir else log_dir(_load_config_or_exit(args.config, "logs"))
+    return show(folder, task=args.task, since=since, follow=args.follow, as_json=args.json,
+                lines=args.lines)
+
+
+def _cmd_status(args) -> int:
+    from .status import show
+
+    return show(_load_config_or_exit(args.config, "status").state_dir, args.json)
+
+
 def _cmd_new_handler(args) -> int:
     from .scaffold import ScaffoldError, new_handler
 
@@ -94,6 +126,23 @@ def _cmd_enroll(args) -> int:
                   force=args.force)
 
 
+def _cmd_trace(args) -> int:
+    from .trace import load_trace_key, watch
+
+    config = None if (args.address and args.key) else _load_config_or_exit(args.config, "trace")
+    try:
+        address = args.address or config.get("trace", "listen")
+        if not address:
+            raise ConfigError(f"{config.path}: [trace] listen is not set (the trace is off)")
+        host, port = parse_hostport(address, "address")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        key = bytes.fromhex(args.key) if args.key else load_trace_key(config.state_dir)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"dsagent trace: {exc}", file=sys.stderr)
+        return 2
+    return watch(host, port, key, task=args.task, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsagent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
     tickle.add_argument("--key", required=True, help="tickle key, hex")
     tickle.add_argument("--timeout", type=float, default=5.0)
     tickle.set_defaults(func=_cmd_tickle)
+
+    logs = sub.add_parser("logs", help="the agent's logs, merged in time order")
+    logs.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    logs.add_argument("--log-dir", help="read this folder instead of the config's")
+    logs.add_argument("--task", help="only lines about this task id (or id prefix)")
+    logs.add_argument("--since", help="e.g. 10m, 2h, 1d or 2026-12-01T18:00 (local time)")
+    logs.add_argument("-n", "--lines", type=int, help="only the last N lines of the history")
+    logs.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come")
+    logs.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    logs.set_defaults(func=_cmd_logs)
+
+    status = sub.add_parser("status", help="processes, tasks, outbox, server contact, tickles")
+    status.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_cmd_status)
+
+    trace = sub.add_parser("trace", help="watch the remote trace stream (log lines, live)")
+    trace.add_argument("address", nargs="?", metavar="HOST:PORT",
+                       help="default: the config's [trace] listen")
+    trace.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    trace.add_argument("--key", help="trace key, hex (default: <state_dir>/trace.key)")
+    trace.add_argument("--task", help="only lines about this task id (or id prefix)")
+    trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    trace.set_defaults(func=_cmd_trace)
 
     new_handler = sub.add_parser("new-handler", help="write a ready handler package (with a test)")
     new_handler.add_argument("name", metavar="NAME", help="its Python package name, e.g. acme_inventory")

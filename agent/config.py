@@ -12,6 +12,11 @@ Extensions to §6 (documented in docs/config.md):
 - ``[handlers] preboot_keep_versions``: BootWiz versions kept for rollback.
 - ``[handlers] max_memory_mb``: address-space limit of a handler worker and
   its children (RLIMIT_AS; 0 = none), so a leaking handler fails alone.
+- ``[logging]``: ``dir`` (default ``<state_dir>/logs``), ``format`` of stderr
+  (``text`` or ``json``), ``level``, ``max_bytes`` and ``backups`` of each
+  rotated file (see agent/logsetup.py).
+- ``[trace] listen``: the remote trace stream (the seed's Remote Trace), off
+  when empty; see agent/trace.py.
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
 (mode 0600) and used when the config itself has no token.
 """
@@ -57,6 +62,16 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "sbs_wake_command": (str, None),
         "preboot_keep_versions": (int, 3),
         "max_memory_mb": (int, 4096),
+    },
+    "logging": {
+        "dir": (str, ""),
+        "format": (str, "text"),
+        "level": (str, "INFO"),
+        "max_bytes": (int, 10 * 1024 * 1024),
+        "backups": (int, 5),
+    },
+    "trace": {
+        "listen": (str, ""),
     },
 }
 
@@ -213,6 +228,14 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"{where}: [cta] poll_interval_s must be >= 1")
     if not 1 <= config.get("cta", "max_concurrent_tasks") <= 256:
         raise ConfigError(f"{where}: [cta] max_concurrent_tasks must be 1..256")
+    if config.get("logging", "format") not in ("text", "json"):
+        raise ConfigError(f"{where}: [logging] format must be \"text\" or \"json\"")
+    if config.get("logging", "level").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: [logging] level must be DEBUG, INFO, WARNING or ERROR")
+    if config.get("logging", "max_bytes") < 0 or not 0 <= config.get("logging", "backups") <= 100:
+        raise ConfigError(f"{where}: [logging] max_bytes must be >= 0 and backups 0..100")
+    if config.get("trace", "listen"):
+        parse_hostport(config.get("trace", "listen"), f"{where}: [trace] listen")
     key = config.get("agent", "tickle_key")
     if key is not None:
         try:
@@ -222,6 +245,7 @@ def _check_values(config: Config) -> None:
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
+
 
 def toml_value(value: Any) -> str:
     """``value`` (str, int or bool) as a TOML literal."""

@@ -33,6 +33,7 @@ from .config import Config, load_config, parse_hostport
 from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
 from .events import TERMINAL
 from .logsetup import setup_logging, task_context
+from .statusfile import StatusFile
 from .notify import SERVER_BACK, Notifier
 from .runner import execute
 from .serverapi import ServerAPI, is_loopback_host
@@ -67,18 +68,18 @@ class OutboxRecorder:
         self.notifier = notifier
         self.stop = stop or threading.Event()
 
-    def record(self, task: Task, state: str, *, progress=None, message="", details=None) -> None:
+    def record(self, task: Task, state: str, *, progress=None, message="", details=None):
         delay = 1.0
         while True:
             try:
-                self.db.record(task.id, state, task=task if state == "received" else None,
-                               type_name=task.type, progress=progress, message=message,
-                               details=details)
+                event = self.db.record(task.id, state, task=task if state == "received" else None,
+                                       type_name=task.type, progress=progress, message=message,
+                                       details=details)
                 break
             except sqlite3.OperationalError as exc:
                 if state == "progress":
                     log.warning("progress of task %s not recorded: %s", task.id, exc)
-                    return
+                    return None
                 if self.stop.is_set():
                     raise
                 log.error("cannot record %s of task %s: %s; retrying in %.0f s",
@@ -86,6 +87,7 @@ class OutboxRecorder:
                 self.stop.wait(delay)
                 delay = min(delay * 2, self.RETRY_MAX_S)
         self.notifier.notify()
+        return event
 
 
 class CTA:
@@ -105,6 +107,7 @@ class CTA:
         self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
         self.db = AgentDB(db_path(config.state_dir))
         self.notifier = Notifier(config.state_dir)
+        self.status = StatusFile(config.state_dir, "cta")
         self.stopping = threading.Event()   # cancel running tasks
         self.recorder = OutboxRecorder(self.db, self.notifier, self.stopping)
         self.pool = WorkerPool(self.max_tasks)
@@ -117,6 +120,7 @@ class CTA:
         self.wake_event = threading.Event()
         self._tickled = threading.Event()   # a wake-up other than the timers since the last pull
         self._last_pull = 0.0
+        self._why = "start"
         self.running: dict[str, Any] = {}
         self._retry_at = 0.0
         self._retry_delay = 0.0
@@ -168,6 +172,7 @@ class CTA:
             log.debug("wake-up: %s", why)
         if why not in ("poll timer", "retry"):
             self._tickled.set()
+        self._why = why or self._why  # the next pull's log lines say what caused it
         self.wake_event.set()
 
     def _accept_wakeups(self) -> None:
@@ -220,8 +225,7 @@ class CTA:
         answer = b""
         if data:  # an empty connection is a port probe: nothing to answer
             try:
-                check_wake(bytes(data), self.hop_key, cache)
-                self.wake("wake-up from objecthost")
+                self.wake(f"tickle {check_wake(bytes(data), self.hop_key, cache)}")
                 answer = b"OK\n"
             except TickleRefused as exc:
                 log.warning("refused a wake-up on the CTA port: %s", exc)
@@ -248,15 +252,18 @@ class CTA:
             self.wake_event.clear()
             self._tickled.clear()
             self._last_pull = time.monotonic()
+            why, self._why = self._why, "poll timer"
             try:
-                self.pull_once()
+                self.pull_once(why)
                 # the server answers: an uploader backing off need not wait on
                 self.notifier.notify(SERVER_BACK)
                 self._retry_delay = self._retry_at = 0.0
+                self.status.update(last_pull_ok_at=time.time())
             except (ServerError, TaskDocumentError) as exc:
                 self._retry_delay = min(max(2 * self._retry_delay, 2.0), self.poll_interval)
                 delay = self._retry_delay * random.uniform(0.8, 1.2)
                 log.error("pull failed: %s; retrying in %.0f s", exc, delay)
+                self.status.update(last_pull_error={"at": time.time(), "message": str(exc)})
                 self._schedule_retry(delay)
             except Exception:
                 log.exception("unexpected error while pulling tasks")
@@ -281,7 +288,7 @@ class CTA:
         self._retry_at = time.monotonic() + delay
         self.wake_event.set()
 
-    def pull_once(self) -> None:
+    def pull_once(self, why: str = "") -> None:
         document = parse_client_tasks(self.api.get_tasks(MAX_DOCUMENT_BYTES), self.client_id)
         for message in document.skipped[:SKIPPED_LOG_LINES]:
             log.warning("task document: %s", message)
@@ -297,7 +304,6 @@ class CTA:
                             Change(bad.task_id, "failed", message=bad.message)]
         new = [task for task in document.tasks if not self._known(task.id)]
         for task in new:
-            log.info("task %s (%s) received", task.id, task.type, extra={"task_id": task.id})
             changes.append(Change(task.id, "received", task.type, task))
         if not changes:
             return
@@ -307,6 +313,13 @@ class CTA:
         for task in new:
             self._submit(task)
         self.db.wait(changes)
+        tickle = why.removeprefix("tickle ") if why.startswith("tickle ") else None
+        for change in changes:
+            log.info("task %s%s %s%s", change.task_id,
+                     f" ({change.type_name})" if change.type_name else "", change.state,
+                     f" (pulled after {why})" if why and change.state == "received" else "",
+                     extra={"task_id": change.task_id, "event_id": change.event["event_id"],
+                            "tickle": tickle if change.state == "received" else None})
         self.notifier.notify()
 
     def _known(self, task_id: str) -> bool:
@@ -351,6 +364,7 @@ class CTA:
         self.pool.close()
         self.api.close()
         self.db.close()
+        self.status.close()
         log.info("CTA stopped")
 
     def serve(self) -> None:
@@ -372,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("cta")
     try:
-        cta = CTA(load_config(args.config))
+        config = load_config(args.config)
+        setup_logging("cta", config=config)  # and its workers, through the environment
+        cta = CTA(config)
     except DsagentError as exc:
         log.error("%s", exc)
         return 2

@@ -26,7 +26,13 @@ DEFAULT_TIMEOUT_S = 3600
 
 class Recorder(Protocol):
     def record(self, task: Task, state: str, *, progress: float | None = None,
-               message: str = "", details: dict[str, Any] | None = None) -> None: ...
+               message: str = "", details: dict[str, Any] | None = None
+               ) -> dict[str, Any] | None:
+        """Record one event; return it (its ``event_id`` tags the log line) or None."""
+
+
+def _event_tag(event: dict[str, Any] | None) -> dict[str, Any]:
+    return {"event_id": event.get("event_id")} if isinstance(event, dict) else {}
 
 
 @dataclass
@@ -79,10 +85,10 @@ def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: di
 
 
 def _finish(recorder: Recorder, task: Task, outcome: Outcome) -> str:
-    recorder.record(task, outcome.state, message=outcome.message, details=outcome.details,
-                    progress=outcome.progress)
+    event = recorder.record(task, outcome.state, message=outcome.message,
+                            details=outcome.details, progress=outcome.progress)
     log.info("task %s (%s) %s%s", task.id, task.type, outcome.state,
-             f": {outcome.message}" if outcome.message else "")
+             f": {outcome.message}" if outcome.message else "", extra=_event_tag(event))
     return outcome.state
 
 
@@ -105,8 +111,9 @@ def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, 
         log.info("agent stopping; task %s left for the next start", task.id)
         return None
     timeout = float(task.timeout or answer.get("timeout") or DEFAULT_TIMEOUT_S)
-    recorder.record(task, "running", message=f"started (timeout {timeout:.0f} s)")
-    log.info("task %s (%s) running in worker %s", task.id, task.type, worker.pid)
+    event = recorder.record(task, "running", message=f"started (timeout {timeout:.0f} s)")
+    log.info("task %s (%s) running in worker %s (timeout %.0f s)", task.id, task.type,
+             worker.pid, timeout, extra=_event_tag(event))
     worker.running = True
     worker.send({"op": "go"})
     deadline = time.monotonic() + timeout
@@ -121,9 +128,11 @@ def _converse(task: Task, worker, recorder: Recorder, handler_config: dict[str, 
         if message is None:
             continue
         if message["op"] == "progress":
-            recorder.record(task, "progress", progress=message.get("percent"),
-                            message=str(message.get("message") or ""),
-                            details=_as_dict(message.get("details")))
+            text = str(message.get("message") or "")
+            event = recorder.record(task, "progress", progress=message.get("percent"),
+                                    message=text, details=_as_dict(message.get("details")))
+            log.info("progress %s%%%s", message.get("percent"), f": {text}" if text else "",
+                     extra=_event_tag(event))
         elif message["op"] == "done":
             state = message.get("state")
             if state not in ("succeeded", "failed"):

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 from .config import Config, load_config
 from .errors import AuthError, DsagentError, ServerError
+from .logsetup import setup_logging
 from .reaper import become_subreaper, kill_adopted
 from .serverapi import ServerAPI
+from .statusfile import StatusFile
 from .tickle import load_hop_key
 
 log = logging.getLogger("dsagent.supervisor")
@@ -76,6 +78,24 @@ def ensure_registered(config: Config, stop: threading.Event) -> bool:
     return False
 
 
+def start_trace(config: Config):
+    """The remote trace server when ``[trace] listen`` is set; a failure only costs the trace."""
+    listen = config.get("trace", "listen")
+    if not listen:
+        return None
+    from .config import parse_hostport
+    from .logsetup import log_dir
+    from .trace import TraceServer, load_trace_key
+
+    try:
+        host, port = parse_hostport(listen, "[trace] listen")
+        return TraceServer(host, port, load_trace_key(config.state_dir, create=True),
+                           log_dir(config)).start()
+    except (OSError, ValueError) as exc:
+        log.error("remote trace not started: cannot listen on %s: %s", listen, exc)
+        return None
+
+
 def restart_backoff_max() -> float:
     """The restart backoff cap: ``$DSAGENT_RESTART_BACKOFF_MAX_S`` or 30 s."""
     raw = os.environ.get(BACKOFF_MAX_ENV, "").strip()
@@ -99,12 +119,22 @@ class Supervisor:
         self.children = [Child(name, module) for name, module in CHILDREN]
         self.stop = threading.Event()
         self.next_sweep = 0.0
+        self.status: StatusFile | None = None
+        self.trace = None
 
     def _start(self, child: Child) -> None:
         cmd = [sys.executable, "-m", child.module, "--config", self.config.path]
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell ``dsagent status`` which children run, and how often each restarted."""
+        if self.status is not None:
+            self.status.update(children={
+                c.name: {"pid": c.proc.pid if c.proc else None, "restarts": c.restarts}
+                for c in self.children})
 
     def _check(self, child: Child) -> None:
         now = time.monotonic()
@@ -124,6 +154,7 @@ class Supervisor:
         child.proc = None
         log.error("%s %s; restarting in %.3g s (restart #%d)", child.name, how,
                   child.backoff, child.restarts)
+        self._publish()
         self.next_sweep = 0.0  # its handler processes are ours now: kill them at once
 
     def _sweep(self) -> None:
@@ -141,10 +172,12 @@ class Supervisor:
         state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
         load_hop_key(state_dir, create=True)
+        self.status = StatusFile(state_dir, "dsagent")
         if not ensure_registered(self.config, self.stop):
             return 0 if self.stop.is_set() else 2
         for child in self.children:
             self._start(child)
+        self.trace = start_trace(self.config)
         if not become_subreaper():
             log.warning("cannot become a child subreaper: orphaned handler processes "
                         "will not be cleaned up")
@@ -170,6 +203,11 @@ class Supervisor:
                 child.proc.kill()
                 child.proc.wait()
         kill_adopted(set())
+        if self.trace is not None:
+            self.trace.close()
+        if self.status is not None:
+            self.status.update(stopped_at=time.time())
+            self.status.close()
         log.info("agent stopped")
 
 
@@ -179,4 +217,5 @@ def run(config_path: str) -> int:
     except DsagentError as exc:
         log.error("%s", exc)
         return 2
+    setup_logging("dsagent", config=config)
     return Supervisor(config).serve()

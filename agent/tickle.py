@@ -110,15 +110,18 @@ def check_tickle(line: bytes, client_id: str | None, key: bytes | None,
     return nonce
 
 
-def make_wake(hop_key: bytes, *, now: int | None = None) -> bytes:
+def make_wake(hop_key: bytes, *, now: int | None = None, nonce: str | None = None) -> bytes:
+    """A signed wake-up. The objecthost passes the accepted tickle's nonce
+    (unique: a nonce is accepted once), so the CTA's log names the tickle that
+    woke it and one grep follows objecthost -> CTA."""
     ts = int(time.time()) if now is None else now
-    body = f"DSWAKE/1 {ts} {secrets.token_hex(16)}".encode("ascii")
+    body = f"DSWAKE/1 {ts} {(nonce or secrets.token_hex(16)).lower()}".encode("ascii")
     return body + b" " + sign(hop_key, body).encode("ascii") + b"\n"
 
 
 def check_wake(line: bytes, hop_key: bytes, cache: ReplayCache,
-               now: float | None = None) -> None:
-    """Check a wake-up line; raise TickleRefused (codes as for tickles)."""
+               now: float | None = None) -> str:
+    """Check a wake-up line; return its nonce or raise TickleRefused (codes as for tickles)."""
     now = time.time() if now is None else now
     match = WAKE_RE.fullmatch(line)
     if not match:
@@ -131,6 +134,7 @@ def check_wake(line: bytes, hop_key: bytes, cache: ReplayCache,
     if cache.seen(nonce, now):
         raise TickleRefused("replay", "wake-up nonce already used")
     cache.remember(nonce, now)
+    return nonce
 
 
 def exchange_line(host: str, port: int, line: bytes, timeout: float = 5.0) -> str:

@@ -163,6 +163,7 @@ class Worker:
             ctx = TaskContext(task, config, send_progress,
                               logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")))
             self.current, self.current_ctx = task, ctx
+            log.info("handler '%s' %s running %s", registered.plugin, registered.version, task.type)
             try:
                 details = self.registry.run(task, ctx)
                 if not isinstance(details, dict):
@@ -187,6 +188,8 @@ class Worker:
                                      f"{type(exc).__name__}: {exc}"}
             finally:
                 self.current = self.current_ctx = None
+            log.info("handler '%s' returned: %s%s", registered.plugin, result["state"],
+                     f": {result['message']}" if result["message"] else "")
             self.channel.send({"op": "done", **result})
 
 

@@ -21,6 +21,7 @@ import time
 from agent.config import Config, load_config
 from agent.errors import AuthError, DsagentError, ServerError
 from agent.logsetup import setup_logging
+from agent.statusfile import StatusFile
 from agent.notify import SERVER_BACK, Notifier, NotifyListener
 from agent.statedb import db_path
 
@@ -43,6 +44,7 @@ class Uploader:
         self.state_dir = config.state_dir
         self.outbox = Outbox(db_path(config.state_dir))
         self.listener = NotifyListener(config.state_dir)
+        self.status = StatusFile(config.state_dir, "ctdataloader")
         self.creds = creds
         self.server_url = config.get("agent", "server_url")
         self._api = None
@@ -89,6 +91,11 @@ class Uploader:
         sent = [e["event_id"] for e in events]
         removed = self.outbox.delete([eid for eid in sent if eid in accepted])
         self.uploaded += removed
+        self.status.update(last_upload_ok_at=time.time(), uploaded=self.uploaded)
+        for event in events:
+            if event["event_id"] in accepted:
+                log.info("server accepted seq %s %s", event.get("seq"), event.get("state"),
+                         extra={"task_id": event.get("task_id"), "event_id": event["event_id"]})
         refused = [e for e in events if e["event_id"] not in accepted]
         if refused and not removed:  # the server took nothing: its problem, back off
             raise ServerError(f"server accepted none of {len(sent)} event(s); they stay in "
@@ -118,6 +125,8 @@ class Uploader:
                         if isinstance(exc, sqlite3.Error) else "upload failed")
                 log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
                           what, exc, depth, age or 0, delay)
+                self.status.update(last_upload_error={"at": time.time(),
+                                                      "message": f"{what}: {exc}"})
                 self._back_off(delay)
                 continue
             if self.outbox.depth()[0] > self.outbox.depth_of(set(self.held)):
@@ -135,6 +144,7 @@ class Uploader:
             self._api.close()
         self.outbox.close()
         self.listener.close()
+        self.status.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging("ctdataloader")
     try:
-        uploader = Uploader(load_config(args.config))
+        config = load_config(args.config)
+        setup_logging("ctdataloader", config=config)
+        uploader = Uploader(config)
     except (DsagentError, OSError) as exc:
         log.error("%s", exc)
         return 2

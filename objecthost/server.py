@@ -38,6 +38,7 @@ from typing import Callable
 from agent.config import load_config, parse_hostport
 from agent.errors import ConfigError, TickleRefused
 from agent.logsetup import setup_logging
+from agent.statusfile import StatusFile
 from agent.tickle import MAX_LINE, ReplayCache, check_tickle, load_hop_key, make_wake
 
 log = logging.getLogger("objecthost")
@@ -214,7 +215,8 @@ class ObjectHost:
                  read_timeout: float = 5.0, rate: float = 50.0, burst: int = 50,
                  max_connections: int = 1024,
                  credentials: CredentialsLoader | None = None,
-                 refusal_log_lines: int = REFUSAL_LOG_LINES):
+                 refusal_log_lines: int = REFUSAL_LOG_LINES,
+                 status: StatusFile | None = None):
         if read_timeout <= 0 or rate <= 0 or burst < 1 or max_connections < 1:
             raise ValueError("read_timeout and rate must be > 0, burst and max_connections >= 1")
         self.listen_host = listen_host or None
@@ -228,6 +230,9 @@ class ObjectHost:
         self.max_connections = max_connections
         self.port: int | None = None
         self.stats: Counter[str] = Counter()   # keys: accepted, refused-<code>, evicted, forward-ok, forward-failed
+        self.status = status                   # last tickle accepted / refused, for `dsagent status`
+        self._refused = 0
+        self._latest_nonce: str | None = None  # the wake-up carries it: the CTA logs which tickle
 
         self._credentials = (client_id, tickle_key) if client_id and tickle_key else None
         self._loader = credentials
@@ -535,7 +540,12 @@ class ObjectHost:
             return f"ERR {exc.code}\n".encode("ascii")
         self._replay.remember(nonce, now)
         self.stats["accepted"] += 1
-        log.info("tickle from %s accepted", _Peer(addr))
+        log.info("tickle from %s accepted", _Peer(addr), extra={"tickle": nonce.lower()})
+        if self.status is not None:
+            self.status.update(accepted=self.stats["accepted"],
+                               last_accepted={"at": now, "peer": _format_peer(addr),
+                                              "tickle": nonce.lower()})
+        self._latest_nonce = nonce
         self._request_forward()
         return b"OK\n"
 
@@ -581,6 +591,10 @@ class ObjectHost:
 
     def _log_refusal(self, addr, exc: TickleRefused, preview: bytes | None = None) -> None:
         self.stats[f"refused-{exc.code}"] += 1
+        self._refused += 1
+        if self.status is not None:
+            self.status.update(refused=self._refused,
+                               last_refused={"at": time.time(), "peer": addr, "code": exc.code})
         if not self._refusal_log.allow():
             return
         reason = exc.reason or exc.code
@@ -601,17 +615,19 @@ class ObjectHost:
     async def _forward_loop(self) -> None:
         while True:
             self._forward_pending = False
-            await self._forward_once()
+            # the nonce is taken with the request it answers: a tickle accepted while
+            # this wake-up connects asks for the next one, which carries its nonce
+            await self._forward_once(self._latest_nonce)
             if not self._forward_pending or self._closing:
                 return
 
-    async def _forward_once(self) -> None:
+    async def _forward_once(self, nonce: str | None) -> None:
         writer = None
         try:
             async with asyncio.timeout(FORWARD_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(
                     self.cta_host, self.cta_port, limit=MAX_LINE)
-                writer.write(make_wake(self.hop_key))
+                writer.write(make_wake(self.hop_key, nonce=nonce))
                 await writer.drain()
                 answer = await reader.readline()
         except asyncio.CancelledError:
@@ -693,9 +709,13 @@ def main(argv: list[str] | None = None) -> int:
 
     host = ObjectHost(listen_host, listen_port,
                       creds.client_id if creds else None, creds.tickle_key if creds else None,
-                      _connectable(cta_host), cta_port, hop_key, credentials=loader)
+                      _connectable(cta_host), cta_port, hop_key, credentials=loader,
+                      status=StatusFile(config.state_dir, "objecthost"))
     _raise_fd_limit(host.max_connections)
-    return asyncio.run(_serve(host))
+    try:
+        return asyncio.run(_serve(host))
+    finally:
+        host.status.close()
 
 
 async def _serve(host: ObjectHost) -> int:

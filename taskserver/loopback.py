@@ -45,9 +45,11 @@ class LoopbackChain:
 
     def __init__(self, workdir: str | os.PathLike, *, client_id: str = "demo-pc",
                  poll_interval_s: int = 300, max_concurrent_tasks: int = 2,
-                 handlers: dict[str, Any] | None = None, enrollment_key: str | None = None):
+                 handlers: dict[str, Any] | None = None, enrollment_key: str | None = None,
+                 extra_config: str = ""):
         """With ``enrollment_key`` the agent is not enrolled in advance: it
-        registers itself through POST /api/v1/register at start."""
+        registers itself through POST /api/v1/register at start.
+        ``extra_config`` is TOML appended to the agent's config (e.g. a [trace] section)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_id = client_id
@@ -55,6 +57,7 @@ class LoopbackChain:
         self.max_concurrent_tasks = max_concurrent_tasks
         self.handlers = handlers or {}
         self.enrollment_key = enrollment_key
+        self.extra_config = extra_config
         self.store = TaskStore(str(self.workdir / "server.db"))
         self.server: TaskServer | None = None
         self.agent: subprocess.Popen | None = None
@@ -99,7 +102,8 @@ class LoopbackChain:
             f'listen = "127.0.0.1:{self.cta_port}"\n'
             f"poll_interval_s = {self.poll_interval_s}\n"
             f"max_concurrent_tasks = {self.max_concurrent_tasks}\n\n"
-            f"[handlers]\n{handlers}"
+            f"[handlers]\n{handlers}\n"
+            f"{self.extra_config}"
         )
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

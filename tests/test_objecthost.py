@@ -498,7 +498,7 @@ def test_process_tickled_end_to_end(tmp_path):
         code, err = _stop(proc)
         fake.close()
     assert code == 0, err
-    assert re.search(r" INFO objecthost\[\d+\]: tickle from 127.0.0.1:\d+ accepted", err), err
+    assert re.search(r" INFO objecthost\[\d+\] tickle=[0-9a-f]{32}: tickle from 127.0.0.1:\d+ accepted", err), err
     assert "refused bad-signature" in err
     assert "stopped" in err
 

@@ -1,0 +1,163 @@
+"""``dsagent status``: what the agent is doing now.
+
+Put together from what the processes publish (agent/statusfile.py), the
+processes themselves (psutil: uptime, memory) and the state DB, read only
+(tasks running and queued, the outbox and the age of its oldest event). It
+never talks to the agent's ports, so it works when a process is wedged.
+Exit code: 0 the agent runs, 3 it does not (as ``systemctl status``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .statedb import db_path
+from .statusfile import read_all
+
+PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
+NOT_RUNNING = 3
+MAX_LISTED_TASKS = 20
+
+
+def _process(facts: dict[str, Any] | None) -> dict[str, Any]:
+    """Is the process of these facts alive (and the same one: pids are reused)?"""
+    if not facts or facts.get("stopped_at"):
+        return {"running": False, "pid": (facts or {}).get("pid")}
+    pid = facts.get("pid")
+    try:
+        proc = psutil.Process(int(pid))
+        created = proc.create_time()
+        if created > float(facts.get("started_at", 0)) + 1:  # started after the facts: another program
+            raise psutil.NoSuchProcess(pid)
+        with proc.oneshot():
+            return {"running": proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE,
+                    "pid": pid, "uptime_s": time.time() - created,
+                    "rss_bytes": proc.memory_info().rss}
+    except (psutil.Error, TypeError, ValueError):
+        return {"running": False, "pid": pid}
+
+
+def _state_db(state_dir: Path) -> dict[str, Any]:
+    path = db_path(state_dir)
+    if not path.exists():
+        return {"error": f"no state DB at {path} yet"}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            tasks = conn.execute(
+                "SELECT task_id, type, state, updated_at FROM tasks WHERE terminal_event IS NULL "
+                "ORDER BY rowid").fetchall()
+            depth, oldest = conn.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return {"error": f"cannot read {path}: {exc}"}
+    now = time.time()
+    listed = [{"task_id": tid, "type": kind, "state": state, "since_s": now - at}
+              for tid, kind, state, at in tasks]
+    return {"running": [t for t in listed if t["state"] != "received"],
+            "queued": [t for t in listed if t["state"] == "received"],
+            "outbox_depth": depth, "outbox_oldest_s": (now - oldest) if oldest else None}
+
+
+def gather(state_dir: Path) -> dict[str, Any]:
+    facts = read_all(state_dir)
+    now = time.time()
+    processes = {}
+    for name in PROCESSES:
+        info = _process(facts.get(name))
+        if name != "dsagent":
+            info["restarts"] = facts.get("dsagent", {}).get("children", {}).get(name, {}) \
+                .get("restarts", 0)
+        processes[name] = info
+    cta, loader, host = (facts.get(n, {}) for n in ("cta", "ctdataloader", "objecthost"))
+    contacts = [t for t in (cta.get("last_pull_ok_at"), loader.get("last_upload_ok_at")) if t]
+    errors = [e for e in (cta.get("last_pull_error"), loader.get("last_upload_error")) if e]
+    return {
+        "state_dir": str(state_dir),
+        "running": processes["dsagent"]["running"],
+        "processes": processes,
+        "tasks": _state_db(state_dir),
+        "server": {
+            "last_contact_s": (now - max(contacts)) if contacts else None,
+            "last_pull_ok_s": _ago(cta.get("last_pull_ok_at"), now),
+            "last_upload_ok_s": _ago(loader.get("last_upload_ok_at"), now),
+            "last_error": max(errors, key=lambda e: e.get("at", 0)) if errors else None,
+        },
+        "tickles": {key: host.get(key) for key in
+                    ("accepted", "refused", "last_accepted", "last_refused")},
+    }
+
+
+def _ago(moment: float | None, now: float) -> float | None:
+    return (now - moment) if moment else None
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = int(max(0, seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = []
+    main = status["processes"]["dsagent"]
+    lines.append(f"dsagent: {'running' if main['running'] else 'NOT RUNNING'}"
+                 + (f" (pid {main['pid']}, up {human_age(main.get('uptime_s'))})"
+                    if main["running"] else "") + f"; state in {status['state_dir']}")
+    lines.append(f"  {'PROCESS':<13}{'PID':>8}  {'UPTIME':<12}{'RSS':>8}  RESTARTS")
+    for name, info in status["processes"].items():
+        if name == "dsagent":
+            continue
+        rss = f"{info['rss_bytes'] / 2**20:.0f} MB" if info.get("rss_bytes") else "-"
+        up = human_age(info["uptime_s"]) if info["running"] else "not running"
+        lines.append(f"  {name:<13}{str(info.get('pid') or '-'):>8}  {up:<12}{rss:>8}  "
+                     f"{info.get('restarts', 0)}")
+    tasks = status["tasks"]
+    if "error" in tasks:
+        lines.append(f"tasks: {tasks['error']}")
+    else:
+        lines.append(f"tasks: {len(tasks['running'])} running, {len(tasks['queued'])} queued")
+        for task in (tasks["running"] + tasks["queued"])[:MAX_LISTED_TASKS]:
+            lines.append(f"  {task['state']:<9} {task['task_id']}  {task['type']}  "
+                         f"(for {human_age(task['since_s'])})")
+        oldest = tasks["outbox_oldest_s"]
+        lines.append(f"outbox: {tasks['outbox_depth']} event(s) waiting"
+                     + (f", oldest {human_age(oldest)} old" if oldest is not None else ""))
+    server = status["server"]
+    lines.append(f"server: last contact {human_age(server['last_contact_s'])}"
+                 + (" ago" if server["last_contact_s"] is not None else "")
+                 + f" (pull {human_age(server['last_pull_ok_s'])}, upload "
+                   f"{human_age(server['last_upload_ok_s'])})")
+    if server["last_error"]:
+        error = server["last_error"]
+        lines.append(f"  last error {human_age(time.time() - error.get('at', 0))} ago: "
+                     f"{error.get('message')}")
+    tickles = status["tickles"]
+    for kind in ("accepted", "refused"):
+        last = tickles.get(f"last_{kind}")
+        text = "none" if not last else (
+            f"{human_age(time.time() - last.get('at', 0))} ago from {last.get('peer')}"
+            + (f" ({last['code']})" if last.get("code") else ""))
+        lines.append(f"tickles {kind}: {tickles.get(kind) or 0}; last {text}")
+    return "\n".join(lines)
+
+
+def show(state_dir: Path, as_json: bool, out=sys.stdout) -> int:
+    status = gather(state_dir)
+    out.write((json.dumps(status, indent=2) if as_json else render(status)) + "\n")
+    return 0 if status["running"] else NOT_RUNNING
