@@ -113,6 +113,14 @@ def human_age(seconds: float | None) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
+def _peer(peer: Any) -> str:
+    """A peer as host:port (the objecthost stores the raw address: formatting costs in a flood)."""
+    if isinstance(peer, list) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
 def render(status: dict[str, Any]) -> str:
     lines = []
     main = status["processes"]["dsagent"]
@@ -151,7 +159,7 @@ def render(status: dict[str, Any]) -> str:
     for kind in ("accepted", "refused"):
         last = tickles.get(f"last_{kind}")
         text = "none" if not last else (
-            f"{human_age(time.time() - last.get('at', 0))} ago from {last.get('peer')}"
+            f"{human_age(time.time() - last.get('at', 0))} ago from {_peer(last.get('peer'))}"
             + (f" ({last['code']})" if last.get("code") else ""))
         lines.append(f"tickles {kind}: {tickles.get(kind) or 0}; last {text}")
     return "\n".join(lines)
