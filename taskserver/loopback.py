@@ -123,6 +123,17 @@ class LoopbackChain:
             self.client_id = creds["client_id"]
             self.store.set_tickle_addr(self.client_id, f"127.0.0.1:{self.objecthost_port}")
 
+    def wait_first_pull(self, timeout: float = 30.0) -> None:
+        """Wait until the CTA's start-up pull is done, so that tasks queued now
+        come with a tickle's pull (as in production), not with that one."""
+        from agent.statusfile import read_all
+
+        deadline = time.monotonic() + timeout
+        while "last_pull_ok_at" not in read_all(self.workdir / "state").get("cta", {}):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the CTA did not pull within {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.05)
+
     def stop_agent(self, timeout: float = 30.0) -> int | None:
         if self.agent is None:
             return None

@@ -110,3 +110,17 @@ def test_config_with_secrets_readable_by_others_is_refused(tmp_path, mode):
 def test_config_without_secrets_may_be_world_readable(tmp_path):
     path = write(tmp_path, "[handlers]\nrun_script = false\n", 0o644)
     assert load_config(path, require=()).handlers["run_script"] is False
+
+
+def test_every_config_key_is_documented():
+    """docs/config.md lists every section and key the loader accepts."""
+    from pathlib import Path
+
+    from agent.config import SCHEMA
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    for section, keys in SCHEMA.items():
+        assert f"## [{section}]" in doc, section
+        body = doc.split(f"## [{section}]", 1)[1].split("\n## ", 1)[0]
+        for key in keys:
+            assert f"`{key}`" in body, f"[{section}] {key} is not in docs/config.md"

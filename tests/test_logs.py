@@ -18,7 +18,6 @@ from agent import trace as trace_mod
 from agent.config import check_config
 from agent.errors import ConfigError
 from agent.logview import LogFollower, log_files, parse_since, read_records
-from agent.statusfile import read_all
 from agent.tickle import sign
 from agent.trace import TraceServer, _challenge, load_trace_key
 from taskserver.loopback import LoopbackChain, free_port
@@ -161,16 +160,9 @@ def test_logging_config_is_checked():
 
 # ---- one task followed across the whole chain --------------------------------
 
-def _wait_for_first_pull(chain, timeout=30):
-    deadline = time.monotonic() + timeout
-    while "last_pull_ok_at" not in read_all(chain.workdir / "state").get("cta", {}):
-        assert time.monotonic() < deadline, "the CTA never pulled"
-        time.sleep(0.05)
-
-
 def test_one_task_can_be_followed_across_every_process(tmp_path):
     with LoopbackChain(tmp_path / "chain") as chain:
-        _wait_for_first_pull(chain)  # so the task comes with the tickle's pull, not the start's
+        chain.wait_first_pull()  # so the task comes with the tickle's pull, not the start's
         task_id = chain.queue("RunScript", {"script": "echo hi; exit 3"})
         assert chain.tickle() == "OK"
         assert chain.wait([task_id], 60)
