@@ -119,14 +119,16 @@ class TraceServer:
         conn.close()
 
     def _serve(self, conn: socket.socket, peer) -> None:
+        follower = LogFollower(self.log_dir)  # before OK: the viewer sees every line after it
         try:
             task = self._authenticate(conn, peer)
             if task is None:
                 return
-            self._stream(conn, task, peer)
+            self._stream(conn, follower, task, peer)
         except OSError:
             pass
         finally:
+            follower.close()
             conn.close()
             self._viewers.release()
 
@@ -153,9 +155,8 @@ class TraceServer:
                  f" task {parts[2]}" if len(parts) == 3 else "")
         return parts[2] if len(parts) == 3 else ""
 
-    def _stream(self, conn: socket.socket, task: str, peer) -> None:
+    def _stream(self, conn: socket.socket, follower: LogFollower, task: str, peer) -> None:
         conn.settimeout(SEND_TIMEOUT_S)  # a viewer that stops reading is dropped
-        follower = LogFollower(self.log_dir)
         try:
             for record in follower.follow(self.stop):
                 if record.get("logger") == log.name:
@@ -164,8 +165,6 @@ class TraceServer:
                     conn.sendall(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         except (socket.timeout, OSError):
             log.info("remote trace: %s:%s gone", *peer[:2])
-        finally:
-            follower.close()
 
     def close(self) -> None:
         self.stop.set()

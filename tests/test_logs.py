@@ -220,7 +220,6 @@ def test_trace_streams_live_lines_to_an_authenticated_viewer(tmp_path):
         sock.sendall(f"AUTH {sign(key, _challenge(nonce))} t-9\n".encode())
         stream = _lines(sock)
         assert stream.readline() == b"OK\n"
-        time.sleep(0.5)
         assert _writer(tmp_path / "logs", "cta", 3, task="t-9").wait(30) == 0
         assert _writer(tmp_path / "logs", "cta", 3, task="other").wait(30) == 0
         got = [json.loads(stream.readline()) for _ in range(3)]
@@ -251,6 +250,14 @@ def test_trace_refuses_a_wrong_key_a_bad_frame_and_a_silent_viewer(tmp_path, mon
         server.close()
 
 
+def _wait_for_viewer(chain, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not any("watching" in r["msg"] for r in read_records(chain.workdir / "state" / "logs")
+                  if r["logger"] == "dsagent.trace"):
+        assert time.monotonic() < deadline, "the viewer never connected"
+        time.sleep(0.1)
+
+
 def test_dsagent_run_serves_the_trace_and_dsagent_trace_shows_it(tmp_path):
     port = free_port()
     chain = LoopbackChain(tmp_path / "chain", extra_config=f'[trace]\nlisten = "127.0.0.1:{port}"\n')
@@ -258,7 +265,7 @@ def test_dsagent_run_serves_the_trace_and_dsagent_trace_shows_it(tmp_path):
         viewer = subprocess.Popen([PY, "-m", "agent", "trace", "--config", str(chain.config_path)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.5)
+            _wait_for_viewer(chain)
             task_id = chain.queue("RunScript", {"script": "true"})
             assert chain.tickle() == "OK"
             assert chain.wait([task_id], 60)

@@ -34,7 +34,7 @@ def wait_status(chain, predicate, timeout=30):
 
 def test_status_of_a_running_agent(tmp_path):
     with LoopbackChain(tmp_path / "chain") as chain:
-        task_id = chain.queue("RunScript", {"script": "sleep 4"})
+        task_id = chain.queue("RunScript", {"script": "sleep 8"})
         assert chain.tickle() == "OK"
         forged = make_tickle(chain.client_id, bytes(32))
         assert exchange_line("127.0.0.1", chain.objecthost_port, forged) == "ERR bad-signature"
