@@ -111,7 +111,8 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
     addr = addr or client["tickle_addr"]
     if not addr:
         raise TickleFailed(f"cannot tickle {client_id!r}: no tickle address is known "
-                           "(enroll with --tickle HOST:PORT or use set_tickle_addr)")
+                           "(enroll with --tickle HOST:PORT, or give it one: dsagent-server "
+                           f"set-tickle --client {client_id} --addr HOST:PORT)")
     try:
         host, port = parse_hostport(addr)
     except InvalidRequest as exc:

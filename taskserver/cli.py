@@ -6,6 +6,7 @@
     dsagent-server queue   --db FILE --client ID (FILE.xml | --type T [--param NAME=VALUE ...]
                            [--param-file NAME=PATH ...] [--timeout S]) [--tickle]
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
+    dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
     dsagent-server clients --db FILE [--json]
 
@@ -259,6 +260,14 @@ def cmd_tickle(args: argparse.Namespace) -> int:
     return 0 if answer == "OK" else 1
 
 
+def cmd_set_tickle(args: argparse.Namespace) -> int:
+    _hostport(args.addr, "--addr")
+    with TaskStore(args.db) as store:
+        store.set_tickle_addr(args.client, args.addr)
+    print(f"{PROG}: {args.client} is tickled at {args.addr}", file=sys.stderr)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with TaskStore(args.db) as store:
         if args.client and store.client(args.client) is None:
@@ -357,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--addr", metavar="HOST:PORT", help="tickle this address instead")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S")
     p.set_defaults(func=cmd_tickle)
+
+    p = command("set-tickle", "remember where a client's objecthost listens (a client that "
+                "registered itself has no tickle address)")
+    p.add_argument("--client", required=True, metavar="ID")
+    p.add_argument("--addr", required=True, metavar="HOST:PORT")
+    p.set_defaults(func=cmd_set_tickle)
 
     p = command("status", "print each task's status history")
     p.add_argument("--client", metavar="ID")

@@ -374,9 +374,12 @@ def test_tickle_reaches_a_real_listener(server, store, tmp_path):
     creds = store.enroll("pc-tick")
     listener = TickleListener("pc-tick", bytes.fromhex(creds["tickle_key"]))
     try:
-        with pytest.raises(TickleFailed, match="no tickle address"):
+        with pytest.raises(TickleFailed, match="no tickle address .* dsagent-server set-tickle "
+                                               "--client pc-tick --addr HOST:PORT"):
             server.tickle("pc-tick")
-        store.set_tickle_addr("pc-tick", f"127.0.0.1:{listener.port}")
+        run_cli("set-tickle", "--db", store.db_path, "--client", "pc-tick",
+                "--addr", f"127.0.0.1:{listener.port}")
+        assert store.client("pc-tick")["tickle_addr"] == f"127.0.0.1:{listener.port}"
         assert server.tickle("pc-tick") == "OK"
         assert server.tickle("pc-tick") == "OK"         # a fresh nonce every time
         assert len(listener.lines) == 2
@@ -393,6 +396,12 @@ def test_tickle_reaches_a_real_listener(server, store, tmp_path):
         server.tickle("pc-tick")
     proc = run_cli("tickle", "--db", store.db_path, "--client", "pc-tick", check=False)
     assert proc.returncode == 1 and "cannot tickle" in proc.stderr
+    for client, addr, error in (("nobody", "127.0.0.1:50199", "unknown client 'nobody'"),
+                                ("pc-tick", "127.0.0.1", "--addr: ")):
+        proc = run_cli("set-tickle", "--db", store.db_path, "--client", client, "--addr", addr,
+                       check=False)
+        assert proc.returncode == 1 and error in proc.stderr, proc.stderr
+    assert store.client("pc-tick")["tickle_addr"] == f"127.0.0.1:{port}"
 
 
 # -- command line ---------------------------------------------------------------------
