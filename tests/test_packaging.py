@@ -1,67 +1,30 @@
 """`make package`: systemd units, sdist, wheel and the .deb, each really used.
 
 The .deb is installed, upgraded, removed and purged with the real dpkg and its
-real maintainer scripts, without touching this machine: in a private mount
-namespace, an overlay whose lower layer is this machine's own root (so
-python3, python3-venv and the dpkg database are the real ones) and whose
-upper layer is a tmpfs, entered with chroot. `dpkg --root`/`--instdir` would
-chroot into an empty root for the maintainer scripts, where no python3 exists
-to build the venv. Every file the package changes lands in the upper layer,
-which makes "nothing is left after removal" checkable, and the namespace
-(mounts included) disappears with its one process. Needs root and overlayfs;
-skips with that reason otherwise.
+real maintainer scripts, without touching this machine: in a throwaway root,
+an overlay of this machine's own root in a private mount namespace
+(tests/packaged.py, the `root` fixture). Every file the package changes lands
+in the overlay's upper layer, which makes "nothing is left after removal"
+checkable. Needs root and overlayfs; skips with that reason otherwise.
 """
 
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from packaged import FAKE_BIN, PATH, PYTHONS, ROOT, VERSION, Root, needs_dpkg, ok, run
+
 UNITS = ROOT / "packaging" / "systemd"
-VERSION = configparser.ConfigParser()
-VERSION.read(ROOT / "setup.cfg")
-VERSION = VERSION["metadata"]["version"]
 BUILTIN_TYPES = ("BootWizRebuild", "CreateBackupImage", "CreateImage", "DeployImage",
                  "RestoreBackupImage", "RunScript", "UpdateSBSInfo")
-PYTHONS = ("3.11", "3.12", "3.13")
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None,
-                                reason="dpkg-deb not found: the .deb is built only on Debian/Ubuntu")
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def ok(cmd, **kw) -> str:
-    done = run(cmd, **kw)
-    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
-    """What `make package` makes (same script), in a temporary folder."""
-    out = tmp_path_factory.mktemp("dist")
-    lines = ok(["bash", str(ROOT / "packaging" / "build-package.sh"), str(out)],
-               env={**os.environ, "DSAGENT_DEB_PYTHONS": " ".join(PYTHONS)}).split()
-    sdist, wheel, deb = map(Path, lines)
-    assert sdist.name == f"dsagent-{VERSION}.tar.gz"
-    assert wheel.name == f"dsagent-{VERSION}-py3-none-any.whl"
-    return {"sdist": sdist, "wheel": wheel, "deb": deb}
 
 
 # -- systemd units -------------------------------------------------------------
@@ -186,92 +149,11 @@ def test_deb_control_and_contents(built):
 
 # Stands in for systemctl so the maintainer scripts' systemd branch runs:
 # it logs its arguments and calls the unit active when /run/fake-active exists.
-# In /run (a tmpfs of the tree), first on the chroot's PATH.
-FAKE_BIN = "/run/fakebin"
+# In FAKE_BIN (/run: a tmpfs of the tree), first on the chroot's PATH.
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> /run/systemctl.log
 case "$1" in is-active) [ -e /run/fake-active ] ;; esac
 """
-
-class Root:
-    """This machine's root as a throwaway copy-on-write tree (see the module
-    docstring): `sh` runs a command in the namespace, `chroot` inside the tree."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                                        "sleep", "infinity"])
-        # Until unshare has run, nsenter would join (and mount in) ours.
-        ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
-        while os.readlink(f"/proc/{self.holder.pid}/ns/mnt") == ours:
-            if self.holder.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"unshare --mount did not make a mount namespace "
-                                   f"(exit status {self.holder.poll()})")
-            time.sleep(0.01)
-        # The mounts exist only in the namespace: this process sees them
-        # through the holder's /proc/PID/root.
-        seen = Path(f"/proc/{self.holder.pid}/root") / base.relative_to("/")
-        self.path, self.upper = seen / "root", seen / "layer" / "upper"
-
-    def sh(self, script: str) -> subprocess.CompletedProcess:
-        return run(["nsenter", "-t", str(self.holder.pid), "-m", "sh", "-euc", script],
-                   env={"PATH": PATH})
-
-    def chroot(self, *cmd: str) -> subprocess.CompletedProcess:
-        return run(["nsenter", "-t", str(self.holder.pid), "-m", "chroot", str(self.base / "root"), *cmd],
-                   env={"PATH": f"{FAKE_BIN}:{PATH}", "LANG": "C.UTF-8"})
-
-    def mount(self) -> str:
-        """Mount the tree; '' or why it cannot be done here."""
-        layer, root = self.base / "layer", self.path
-        done = self.sh(textwrap.dedent(f"""
-            mkdir -p {layer} {root}
-            mount -t tmpfs tmpfs {layer}
-            mkdir {layer}/upper {layer}/work
-            mount -t overlay overlay -o lowerdir=/,upperdir={layer}/upper,workdir={layer}/work {root}
-            mount --bind /proc {root}/proc
-            mount --rbind /dev {root}/dev
-            mount -t tmpfs tmpfs {root}/tmp
-            mount -t tmpfs tmpfs {root}/run
-        """))
-        return "" if done.returncode == 0 else done.stderr.strip()
-
-    def leftovers(self) -> set[str]:
-        """Files (not folders) the package runs created or changed, minus dpkg's
-        own bookkeeping and what the test wrote into /tmp and /run."""
-        found = set()
-        for path in self.upper.rglob("*"):
-            rel = "/" + str(path.relative_to(self.upper))
-            if path.is_dir() and not path.is_symlink():
-                continue
-            if rel.startswith(("/var/lib/dpkg/", "/var/log/dpkg.log", "/tmp/", "/run/")):
-                continue
-            found.add(rel)
-        return found
-
-    def close(self) -> None:
-        self.holder.kill()
-        self.holder.wait()
-
-
-@pytest.fixture
-def root(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("installing the .deb into a throwaway root needs root (mount namespaces)")
-    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
-        pytest.skip("util-linux unshare/nsenter not found")
-    try:
-        tree = Root(tmp_path)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    try:
-        why = tree.mount()
-        if why:
-            pytest.skip(f"cannot mount an overlay of / here: {why}")
-        yield tree
-    finally:
-        tree.close()
 
 
 TASK_XML = """<ClientTasks client="local">
