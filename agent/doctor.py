@@ -30,6 +30,8 @@ from .config import Config, _check_mode, load_config, parse_hostport
 from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError
 from .progressbar import ProgressBar
 from .serverapi import ServerAPI, failure_kind, is_loopback_host
+from .status import format_peer, human_age, read_state_db
+from .statusfile import read_all
 from .supervisor import CHILDREN
 from .taskxml import parse_client_tasks
 
@@ -41,6 +43,20 @@ PROBE_BYTES = 4096
 TASKS_LIMIT = 16 << 20
 SERVER_TIMEOUT_S = 10.0
 STATUSES = ("ok", "warn", "fail", "skip")
+TICKLE_WINDOW_S = 3600     # a refusal older than this is history
+OUTBOX_WARN_S = 600        # an event waiting longer: the server is not taking statuses
+TICKLE_ADVICE = {          # §2 code -> (cause, what to do); bad-frame and busy are noise
+    "bad-signature": ("it was signed with another tickle key than this agent's",
+                      "enroll again (dsagent enroll --force) or set [agent] tickle_key to "
+                      "the server's"),
+    "unknown-client": ("it named another client id than this agent's",
+                       "check [agent] client_id (or credentials.json) against the server's "
+                       "record of this machine"),
+    "stale": ("its time was more than 300 s off this machine's clock",
+              "synchronise the clocks (NTP) of the task server and this machine"),
+    "replay": ("its nonce had been used already", "the task server must send a fresh nonce "
+               "with every tickle"),
+}
 
 
 @dataclass
@@ -84,6 +100,7 @@ class Doctor:
             ("server", self.check_server), ("clock", self.check_clock),
             ("sbs", self.check_sbs), ("drivers", self.check_drivers),
             ("image-store", self.check_image_store),
+            ("tickles", self.check_tickles), ("outbox", self.check_outbox),
         ]
 
     def run(self, bar: ProgressBar) -> list[Result]:
@@ -134,7 +151,7 @@ class Doctor:
         if not os.path.isdir(state):
             return Result(name, "fail", f"[agent] state_dir {state} is not a folder",
                           f"remove {state} or set [agent] state_dir in {self.path}")
-        for secret in ("credentials.json", "hop.key"):
+        for secret in ("credentials.json", "hop.key", "trace.key"):
             path = os.path.join(state, secret)
             if os.path.exists(path) and _mode(path) & 0o077:
                 return Result(name, "fail", f"{path} holds secrets but its mode is "
@@ -366,6 +383,44 @@ class Doctor:
             return Result(name, "warn", f"image store {store} is nearly full: {free}",
                           "free space or grow it: a capture needs room for its compressed image")
         return Result(name, "ok", f"image store {store} is writable; {free}")
+
+
+    # ---- what the processes reported (agent/statusfile.py) ----------------------
+    def check_tickles(self) -> Result:
+        name = "tickles"
+        host = read_all(self.config.state_dir).get("objecthost")
+        if not host:
+            return Result(name, "skip", "the objecthost has not run here yet (no status file)")
+        accepted, refused = host.get("last_accepted"), host.get("last_refused")
+        now = time.time()
+        counts = f"{host.get('accepted', 0)} accepted, {host.get('refused', 0)} refused"
+        if refused and refused.get("code") in TICKLE_ADVICE \
+                and now - refused.get("at", 0) < TICKLE_WINDOW_S \
+                and (not accepted or accepted.get("at", 0) < refused["at"]):
+            cause, action = TICKLE_ADVICE[refused["code"]]
+            return Result(name, "warn", f"the last tickle ({human_age(now - refused['at'])} ago, "
+                          f"from {format_peer(refused.get('peer'))}) was refused {refused['code']}: "
+                          f"{cause}; none accepted since ({counts}), so tasks wait for the "
+                          f"poll timer", f"if that was the task server: {action}")
+        last = f"; last accepted {human_age(now - accepted['at'])} ago" if accepted else ""
+        return Result(name, "ok", f"{counts} since the objecthost started{last}")
+
+    def check_outbox(self) -> Result:
+        name = "outbox"
+        db = read_state_db(self.config.state_dir)
+        if "error" in db:
+            return Result(name, "skip", db["error"])
+        depth, oldest = db["outbox_depth"], db["outbox_oldest_s"]
+        if oldest is not None and oldest > OUTBOX_WARN_S:
+            error = read_all(self.config.state_dir).get("ctdataloader", {}).get(
+                "last_upload_error")
+            why = f"; the last upload failed: {error['message']}" if error else ""
+            return Result(name, "warn", f"{depth} status event(s) waiting, the oldest for "
+                          f"{human_age(oldest)}: the server has not accepted them{why}",
+                          "see the server check; they are kept until accepted "
+                          "(dsagent logs --since 1h shows the uploads)")
+        return Result(name, "ok", f"{depth} status event(s) waiting"
+                      + (f", the oldest for {human_age(oldest)}" if oldest is not None else ""))
 
 
 def _overlaps(host: str, bound: str) -> bool:

@@ -44,7 +44,8 @@ def _process(facts: dict[str, Any] | None) -> dict[str, Any]:
         return {"running": False, "pid": pid}
 
 
-def _state_db(state_dir: Path) -> dict[str, Any]:
+def read_state_db(state_dir: Path) -> dict[str, Any]:
+    """Unfinished tasks and the outbox, read only; ``{"error": ...}`` if unreadable."""
     path = db_path(state_dir)
     if not path.exists():
         return {"error": f"no state DB at {path} yet"}
@@ -84,7 +85,7 @@ def gather(state_dir: Path) -> dict[str, Any]:
         "state_dir": str(state_dir),
         "running": processes["dsagent"]["running"],
         "processes": processes,
-        "tasks": _state_db(state_dir),
+        "tasks": read_state_db(state_dir),
         "server": {
             "last_contact_s": (now - max(contacts)) if contacts else None,
             "last_pull_ok_s": _ago(cta.get("last_pull_ok_at"), now),
@@ -113,7 +114,7 @@ def human_age(seconds: float | None) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
-def _peer(peer: Any) -> str:
+def format_peer(peer: Any) -> str:
     """A peer as host:port (the objecthost stores the raw address: formatting costs in a flood)."""
     if isinstance(peer, list) and len(peer) >= 2:
         host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
@@ -159,7 +160,7 @@ def render(status: dict[str, Any]) -> str:
     for kind in ("accepted", "refused"):
         last = tickles.get(f"last_{kind}")
         text = "none" if not last else (
-            f"{human_age(time.time() - last.get('at', 0))} ago from {_peer(last.get('peer'))}"
+            f"{human_age(time.time() - last.get('at', 0))} ago from {format_peer(last.get('peer'))}"
             + (f" ({last['code']})" if last.get("code") else ""))
         lines.append(f"tickles {kind}: {tickles.get(kind) or 0}; last {text}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import render_config, write_private
+from agent.tickle import exchange_line, make_tickle
 from taskserver.loopback import LoopbackChain, free_port
 
 DSAGENT = [sys.executable, "-m", "agent"]
@@ -104,7 +105,7 @@ def test_human_table_names_each_check_and_what_to_do(config):
     assert lines[0].startswith("FAIL  config")
     assert lines[1].strip() == f"what to do: chmod 600 {config}"
     # the wrong mode does not stop the other checks: the server answers, no agent runs
-    assert lines[-1] == "9 checks: 3 ok, 2 warn, 1 fail, 3 skip"
+    assert lines[-1] == "11 checks: 3 ok, 2 warn, 1 fail, 5 skip"
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
 
 
@@ -342,3 +343,50 @@ def test_credentials_file_readable_by_others(tmp_path, server, store):
     os.chmod(state, 0o755)
     checks = doctor(config)[1]
     assert checks["state-dir"]["status"] == "warn" and "chmod 700" in checks["state-dir"]["action"]
+
+
+# ---- what the processes reported ---------------------------------------------------
+
+def test_tickles_refused_since_the_last_accepted_one(tmp_path):
+    with LoopbackChain(tmp_path / "chain") as chain:
+        assert chain.tickle() == "OK"
+        deadline = time.monotonic() + 10     # the objecthost publishes within a second
+        while True:
+            code, checks = doctor(chain.config_path)
+            if "1 accepted" in checks["tickles"]["finding"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert checks["tickles"]["status"] == "ok", checks["tickles"]
+        assert "1 accepted, 0 refused" in checks["tickles"]["finding"]
+        # the task server now signs with another key (its record was re-enrolled)
+        forged = make_tickle(chain.client_id, bytes(32))
+        assert exchange_line("127.0.0.1", chain.objecthost_port, forged) == "ERR bad-signature"
+        deadline = time.monotonic() + 10     # the objecthost publishes within a second
+        while checks["tickles"]["status"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.3)
+            code, checks = doctor(chain.config_path)
+    tickles = checks["tickles"]
+    assert tickles["status"] == "warn" and code == 0, tickles    # tasks still come by polling
+    assert "was refused bad-signature" in tickles["finding"] and "127.0.0.1:" in tickles["finding"]
+    assert "dsagent enroll --force" in tickles["action"]
+
+
+def test_outbox_events_the_server_has_not_taken_for_long(config, server):
+    from agent.statedb import AgentDB, db_path
+    from agent.tasks import Task
+
+    state = config.parent / "state"
+    db = AgentDB(db_path(state))
+    task = Task(id="6d0c3a9e-3c1e-4f55-9a59-0c1b9c1c2e01", type="RunScript")
+    db.record(task.id, "received", task=task, type_name=task.type)
+    db.close()
+    code, checks = doctor(config)
+    assert checks["outbox"]["status"] == "ok" and "1 status event(s) waiting" in \
+        checks["outbox"]["finding"]
+    # an hour passes without the server accepting it
+    import sqlite3
+    with sqlite3.connect(db_path(state)) as conn:
+        conn.execute("UPDATE outbox SET created_at = created_at - 3600")
+    code, checks = doctor(config)
+    assert checks["outbox"]["status"] == "warn", checks["outbox"]
+    assert "the oldest for 1 h 0 min: the server has not accepted them" in checks["outbox"]["finding"]
