@@ -305,3 +305,30 @@ def test_target_attached_to_a_loop_device_is_refused(tmp_path, store):
             deploy(store, "img", "capture", str(target), progress_log()[1])
     finally:
         subprocess.run([losetup, "-d", attach.stdout.strip()])
+
+
+def test_a_cancelled_capture_stops_through_ctx_cancelled_and_leaves_no_image(tmp_path):
+    """The worker's cancel (timeout, shutdown) reaches the capture loop via ctx.cancelled()."""
+    import logging
+
+    from agent.errors import TaskFailed
+    from agent.tasks import Task, TaskContext
+    from handlers.imaging import plugin
+
+    images = tmp_path / "images"
+    images.mkdir()
+    disk = random_file(tmp_path / "disk.img", 256 * 2**20)
+    task = Task(str(uuid.uuid4()), "CreateImage", {"source": str(disk), "image": "big"})
+    progress = []
+
+    def on_progress(percent, message, details):
+        progress.append(percent)
+        ctx.request_cancel()          # what the worker does when the task times out
+
+    ctx = TaskContext(task, {"image_store": str(images)}, on_progress,
+                      logging.LoggerAdapter(logging.getLogger("test"), {}))
+    with pytest.raises(TaskFailed, match="capture cancelled"):
+        plugin.dsagent_run_task(task=task, ctx=ctx)
+    assert progress and progress[-1] < 100
+    with pytest.raises(ImageError):                  # nothing that looks usable
+        ImageStore(images).open_current("big")

@@ -10,7 +10,6 @@ package_store`` and ``preboot_store``; uses ``preboot_keep_versions``
 from __future__ import annotations
 
 import os
-import threading
 
 from agent import hookimpl
 from agent.errors import BadParameters, TaskFailed
@@ -21,8 +20,6 @@ from .build import BootWizError, Request, safe_current, check_name, parse_driver
 TASK_TYPE = "BootWizRebuild"
 DEFAULT_TIMEOUT_S = 1800
 PARAMETERS = ("config", "base", "drivers")
-
-_cancel: dict[str, threading.Event] = {}
 
 
 @hookimpl
@@ -79,26 +76,16 @@ def current_version(req: Request) -> str | None:
 
 @hookimpl
 def dsagent_run_task(task, ctx):
-    stop = _cancel.setdefault(task.id, threading.Event())
     req = request_from(task.parameters, ctx.config)
     try:
-        details = rebuild(req, ctx.progress, stop.is_set, task_id=task.id)
+        details = rebuild(req, ctx.progress, ctx.cancelled, task_id=task.id)
     except BootWizError as exc:
         info = {"config": req.config, "base": req.base, "drivers": req.drivers,
                 "current": current_version(req), **exc.details}
         raise TaskFailed(str(exc), info) from None
-    finally:
-        _cancel.pop(task.id, None)
     ctx.log.info("%s/%s built, current switched from %s", req.config, details["version"],
                  details["previous"])
     if details.get("warnings"):
         details["warning"] = "; ".join(details["warnings"])  # also the succeeded message
         ctx.log.warning("%s", details["warning"])
     return details
-
-
-@hookimpl
-def dsagent_cancel_task(task):
-    event = _cancel.get(task.id)
-    if event is not None:
-        event.set()

@@ -9,7 +9,6 @@ RestoreBackupImage. Needs ``[handlers] image_store``.
 from __future__ import annotations
 
 import os
-import threading
 
 from agent import hookimpl
 from agent.errors import BadParameters, TaskFailed
@@ -21,8 +20,6 @@ DEFAULT_TIMEOUT_S = 6 * 3600
 CREATE = {"CreateImage": "capture", "CreateBackupImage": "backup"}
 WRITE = {"DeployImage": "capture", "RestoreBackupImage": "backup"}
 PARAMETERS = {**{t: ("source", "image") for t in CREATE}, **{t: ("image", "target") for t in WRITE}}
-
-_cancel: dict[str, threading.Event] = {}
 
 
 @hookimpl
@@ -64,7 +61,6 @@ def dsagent_run_task(task, ctx):
     from .capture import capture
     from .deploy import deploy
 
-    stop = _cancel.setdefault(task.id, threading.Event())
     store = ImageStore(ctx.config["image_store"])
     params = task.parameters
 
@@ -74,20 +70,13 @@ def dsagent_run_task(task, ctx):
     try:
         if task.type in CREATE:
             details = capture(params["source"], store, params["image"], CREATE[task.type],
-                              report, stop.is_set)
+                              report, ctx.cancelled)
         else:
             details = deploy(store, params["image"], WRITE[task.type], params["target"],
-                             report, stop.is_set)
+                             report, ctx.cancelled)
     except ImageError as exc:
         raise TaskFailed(str(exc)) from None
     except OSError as exc:
         raise TaskFailed(f"{exc.filename or 'I/O'}: {exc.strerror or exc}") from None
-    finally:
-        _cancel.pop(task.id, None)
     ctx.log.info("%s of image '%s' done: %s", task.type, params["image"], details)
     return details
-
-
-@hookimpl
-def dsagent_cancel_task(task):
-    _cancel.setdefault(task.id, threading.Event()).set()
