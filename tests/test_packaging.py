@@ -80,11 +80,20 @@ def test_agent_unit_hardening():
         "AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
 
 
-def test_config_template_is_a_valid_config():
-    from agent.config import load_config
-    config = load_config(ROOT / "packaging" / "agent.toml.example")
+def test_config_template_is_a_valid_config(tmp_path):
+    from agent.config import SCHEMA, load_config
+    template = ROOT / "packaging" / "agent.toml.example"
+    config = load_config(template)
     assert config.state_dir == Path("/var/lib/dsagent")
     assert not any(config.get("agent", k) for k in ("token", "tickle_key", "enrollment_key"))
+    # Its commented examples, uncommented, are valid too and show every
+    # [logging] and [trace] key.
+    examples = tmp_path / "examples.toml"
+    examples.write_text(re.sub(r"^# (\w+ = .+)$", r"\1", template.read_text(), flags=re.M))
+    uncommented = load_config(examples, check_mode=False)
+    for section in ("logging", "trace"):
+        assert set(uncommented.sections[section]) == set(SCHEMA[section]), section
+    assert uncommented.get("logging", "dir") == "/var/log/dsagent"
 
 
 # -- sdist and wheel -------------------------------------------------------------
