@@ -332,3 +332,24 @@ def test_a_cancelled_capture_stops_through_ctx_cancelled_and_leaves_no_image(tmp
     assert progress and progress[-1] < 100
     with pytest.raises(ImageError):                  # nothing that looks usable
         ImageStore(images).open_current("big")
+
+
+def test_a_tampered_current_pointer_cannot_leave_the_image_folder(tmp_path, store):
+    disk = make_ext4(tmp_path / "disk.img", 16)
+    capture(str(disk), store, "img", "capture", progress_log()[1])
+    capture(str(disk), store, "other", "capture", progress_log()[1])
+    folder = store.folder("img")
+    good = (folder / "current").read_text().strip()
+    other = (store.folder("other") / "current").read_text().strip()
+    target = random_file(tmp_path / "target.img", 16 * 2**20)
+    for pointer in (f"../other/{other}", "/etc", "..", ""):
+        (folder / "current").write_text(pointer + "\n")
+        with pytest.raises(ImageError, match="not a version of this image; refused"):
+            deploy(store, "img", "capture", str(target), progress_log()[1])
+    fake = folder / "20260101T000000000000Z-abcd"            # a version-shaped symlink
+    fake.symlink_to(store.folder("other") / other)
+    (folder / "current").write_text(fake.name + "\n")
+    with pytest.raises(ImageError, match="is a symlink; refused"):
+        deploy(store, "img", "capture", str(target), progress_log()[1])
+    (folder / "current").write_text(good + "\n")
+    deploy(store, "img", "capture", str(target), progress_log()[1])

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 from ..durable import write_atomic
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+VERSION_RE = re.compile(r"[0-9]{8}T[0-9]{12}Z-[0-9a-f]{4}")  # what new_version makes
 FORMAT = "dsagent-image/1"
 INDEX_MAGIC = b"DSIDX002"
 INDEX_RECORD = struct.Struct("<QIIQII32s")   # src_offset, length, flags, frame offset, frame length, reserved, frame sha256
@@ -87,7 +88,12 @@ class ImageStore:
                 f"image '{name}' is incomplete: its capture did not finish"
                 + (f" (partial version {', '.join(sorted(partial))} has no metadata)" if partial
                    else "")) from None
+        if not VERSION_RE.fullmatch(version):  # a tampered pointer must not leave the folder
+            raise ImageError(f"image '{name}': {folder / 'current'} names {version[:80]!r}, "
+                             "not a version of this image; refused")
         vdir = folder / version
+        if vdir.is_symlink():
+            raise ImageError(f"image '{name}': version {vdir} is a symlink; refused")
         if not (vdir / "meta.json").is_file():
             raise ImageError(f"image '{name}' is incomplete: {vdir} has no meta.json")
         return ImageVersion(vdir)
