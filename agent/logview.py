@@ -9,6 +9,8 @@ trace stream uses too.
 
 from __future__ import annotations
 
+import collections
+import heapq
 import json
 import os
 import re
@@ -57,12 +59,18 @@ def parse_line(line: str) -> Record | None:
 
 def log_files(log_dir: Path) -> list[Path]:
     """Every log file, rotated ones first (oldest generation first)."""
-    found = []
+    return [path for gens in _generations(log_dir).values() for path in gens]
+
+
+def _generations(log_dir: Path) -> dict[str, list[Path]]:
+    """Per process file (``cta.log``), its generations oldest first (``.5`` ... ``.1``, itself)."""
+    found: dict[str, list[tuple[int, Path]]] = {}
     for path in log_dir.iterdir() if log_dir.is_dir() else ():
         match = _ROTATED.match(path.name)
         if match and path.is_file():
-            found.append((-(int(match.group("n") or 0)), match.group("base"), path))
-    return [path for *_, path in sorted(found)]
+            found.setdefault(match.group("base"), []).append((int(match.group("n") or 0), path))
+    return {base: [path for _, path in sorted(gens, key=lambda g: -g[0])]
+            for base, gens in sorted(found.items())}
 
 
 def matches(record: Record, task: str | None = None, since: str | None = None) -> bool:
@@ -74,31 +82,45 @@ def matches(record: Record, task: str | None = None, since: str | None = None) -
     return True
 
 
-def read_records(log_dir: Path, task: str | None = None, since: str | None = None) -> list[Record]:
-    """All matching records of every file, in time order (stable for equal times).
-
-    With ``task``, the objecthost's lines of the tickle that made the CTA pull
-    the task come too: the task's ``received`` line names that tickle.
-    """
-    records: list[Record] = []
-    tickles: dict[str, list[Record]] = {}
-    for path in log_files(log_dir):
+def _read(paths: list[Path], since: str | None) -> Iterator[Record]:
+    """The records of one process's generations, in file order."""
+    for path in paths:
         try:
             with open(path, encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     record = parse_line(line)
-                    if record is None or not matches(record, None, since):
-                        continue
-                    if matches(record, task):
-                        records.append(record)
-                    elif task and record.get("tickle") and not record.get("task_id"):
-                        tickles.setdefault(record["tickle"], []).append(record)
+                    if record is not None and (not since or record["ts"] >= since):
+                        yield record
         except OSError:
             continue  # rotated away while we read: its lines are in the next generation
-    for nonce in {r["tickle"] for r in records if r.get("tickle")}:
-        records += tickles.get(nonce, [])
-    records.sort(key=lambda r: r["ts"])
-    return records
+
+
+def iter_records(log_dir: Path, task: str | None = None,
+                 since: str | None = None) -> Iterator[Record]:
+    """Matching records of every file, merged in time order, streamed.
+
+    Memory stays flat whatever the size of the logs: each process's file is
+    in time order already, so the files are merged, not sorted. With
+    ``task``, the objecthost's lines of the tickle that made the CTA pull the
+    task come too (the task's ``received`` line names that tickle); finding
+    those takes one more pass over the CTA's file.
+    """
+    gens = _generations(log_dir)
+    tickles: set[str] = set()
+    if task:
+        tickles = {r["tickle"] for r in _read(gens.get("cta.log", []), since)
+                   if r.get("tickle") and matches(r, task)}
+    merged = heapq.merge(*(_read(paths, since) for paths in gens.values()),
+                         key=lambda r: r["ts"])
+    for record in merged:
+        if matches(record, task) or (record.get("tickle") in tickles
+                                     and not record.get("task_id")):
+            yield record
+
+
+def read_records(log_dir: Path, task: str | None = None, since: str | None = None) -> list[Record]:
+    """:func:`iter_records` as a list (for small logs: tests, the demo)."""
+    return list(iter_records(log_dir, task, since))
 
 
 class LogFollower:
@@ -189,11 +211,20 @@ def _key(record: Record) -> str:
     return json.dumps(record, sort_keys=True)
 
 
+def render(record: Record, as_json: bool) -> str:
+    return (json.dumps(record, ensure_ascii=False) if as_json else format_record(record)) + "\n"
+
+
 def print_records(records: Iterable[Record], as_json: bool, out=sys.stdout) -> None:
     for record in records:
-        out.write((json.dumps(record, ensure_ascii=False) if as_json else format_record(record))
-                  + "\n")
+        out.write(render(record, as_json))
     out.flush()
+
+
+def _silence(out) -> None:
+    """After EPIPE, point stdout at /dev/null so the exit's flush does not complain."""
+    if out is sys.stdout:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def show(log_dir: Path, *, task: str | None = None, since: str | None = None,
@@ -206,19 +237,30 @@ def show(log_dir: Path, *, task: str | None = None, since: str | None = None,
         return 1
     started = utc_timestamp(time.time() - 1.0)
     follower = LogFollower(log_dir) if follow else None  # before reading: no gap between the two
-    history = read_records(log_dir, task, since)
-    print_records(history[-lines:] if lines else history, as_json, out)
+    recent: collections.deque[Record] = collections.deque(maxlen=None)
+    history = iter_records(log_dir, task, since)
+    if lines:
+        history = collections.deque(history, maxlen=lines)
+    try:
+        for record in history:
+            out.write(render(record, as_json))
+            if follower is not None and record["ts"] >= started:
+                recent.append(record)
+        out.flush()
+    except BrokenPipeError:   # `dsagent logs | head`: stop quietly
+        _silence(out)
+        return 0
     if follower is None:
         return 0
     # a line written between the follower's start and the history read is in both
-    seen = {_key(r) for r in history if r["ts"] >= started}
+    seen = {_key(r) for r in recent}
     stop = stop or threading.Event()
     try:
         for record in follower.follow(stop):
             if matches(record, task) and _key(record) not in seen:
                 print_records([record], as_json, out)
     except BrokenPipeError:
-        pass
+        _silence(out)
     finally:
         follower.close()
     return 0
