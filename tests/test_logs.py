@@ -279,3 +279,57 @@ def test_dsagent_run_serves_the_trace_and_dsagent_trace_shows_it(tmp_path):
             viewer.kill()
             viewer.wait()
     assert any(f"task={task_id}" in line and "cta[" in line for line in lines)
+
+
+# ---- bad input ---------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_parse_line_never_raises(line):
+    from agent.logview import parse_line
+    record = parse_line(line)
+    assert record is None or (isinstance(record, dict) and isinstance(record["ts"], str))
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_parse_since_refuses_with_a_clear_error_only(text):
+    try:
+        assert parse_since(text).endswith("Z")
+    except ConfigError as exc:
+        assert "--since" in str(exc)
+
+
+def test_garbage_in_a_log_file_is_skipped_not_fatal(tmp_path):
+    assert _writer(tmp_path, "cta", 2).wait(30) == 0
+    with open(tmp_path / "cta.log", "ab") as fh:
+        fh.write(b"\xff\xfe not json\n{\"ts\": 5}\n[1, 2]\n{\"no\": \"ts\"}\n" + os.urandom(512) + b"\n")
+    assert _writer(tmp_path, "cta", 1, task="after").wait(30) == 0
+    records = read_records(tmp_path)
+    assert [r["task_id"] for r in records if r["msg"].startswith("line ")] == ["t-1", "t-1", "after"]
+    result = subprocess.run([PY, "-m", "agent", "logs", "--log-dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.count(": line ") == 3
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_trace_answers_any_request_with_a_refusal(tmp_path_factory, request_line):
+    tmp = tmp_path_factory.mktemp("trace")
+    key = load_trace_key(tmp, create=True)
+    server = TraceServer("127.0.0.1", 0, key, tmp / "logs").start()
+    try:
+        sock, _ = _connect(server.port)
+        sock.sendall(request_line + b"\n")
+        answer = _lines(sock).readline()
+        assert answer in (b"ERR bad-auth\n", b"ERR bad-frame\n"), answer
+        sock.close()
+        sock, nonce = _connect(server.port)       # and it still serves
+        sock.sendall(f"AUTH {sign(key, _challenge(nonce))}\n".encode())
+        assert _lines(sock).readline() == b"OK\n"
+        sock.close()
+    finally:
+        server.close()
