@@ -235,6 +235,10 @@ def show(log_dir: Path, *, task: str | None = None, since: str | None = None,
         print(f"dsagent logs: no log folder at {log_dir} (has the agent run with this config?)",
               file=sys.stderr)
         return 1
+    if not os.access(log_dir, os.R_OK | os.X_OK):
+        print(f"dsagent logs: cannot read {log_dir}: permission denied (run it as root or as a "
+              "member of the log folder's group)", file=sys.stderr)
+        return 2
     started = utc_timestamp(time.time() - 1.0)
     follower = LogFollower(log_dir) if follow else None  # before reading: no gap between the two
     recent: collections.deque[Record] = collections.deque(maxlen=None)

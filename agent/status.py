@@ -4,12 +4,14 @@ Put together from what the processes publish (agent/statusfile.py), the
 processes themselves (psutil: uptime, memory) and the state DB, read only
 (tasks running and queued, the outbox and the age of its oldest event). It
 never talks to the agent's ports, so it works when a process is wedged.
-Exit code: 0 the agent runs, 3 it does not (as ``systemctl status``).
+Exit code: 0 the agent runs, 3 it does not (as ``systemctl status``), 2 the
+state dir cannot be read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -167,6 +169,11 @@ def render(status: dict[str, Any]) -> str:
 
 
 def show(state_dir: Path, as_json: bool, out=sys.stdout) -> int:
+    if state_dir.exists() and not os.access(state_dir, os.R_OK | os.X_OK):
+        # not "NOT RUNNING": we simply cannot see (the state dir is 0700, root's)
+        print(f"dsagent status: cannot read {state_dir}: permission denied (run it as the "
+              f"agent's user, root)", file=sys.stderr)
+        return 2
     status = gather(state_dir)
     out.write((json.dumps(status, indent=2) if as_json else render(status)) + "\n")
     return 0 if status["running"] else NOT_RUNNING
