@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,16 @@ class Config:
 
     @property
     def handlers(self) -> dict[str, Any]:
-        """The [handlers] section with defaults filled in (what handlers see)."""
-        return {key: self.get("handlers", key) for key in SCHEMA["handlers"]}
+        """The [handlers] section with defaults filled in (what handlers see),
+        and each ``[handlers.<plugin>]`` table of plugin settings as is."""
+        return {**self.plugin_settings,
+                **{key: self.get("handlers", key) for key in SCHEMA["handlers"]}}
+
+    @property
+    def plugin_settings(self) -> dict[str, dict[str, Any]]:
+        """``{plugin: its [handlers.<plugin>] table}``."""
+        return {key: value for key, value in self.sections.get("handlers", {}).items()
+                if isinstance(value, dict)}
 
     def credentials(self) -> Credentials | None:
         """Credentials from the config, else from registration; None if neither."""
@@ -199,8 +208,13 @@ def check_config(raw: dict, path: str, require: tuple[str, ...] = ("agent",)) ->
             raise ConfigError(f"{path}: [{name}] must be a table")
         checked = {}
         for key, value in table.items():
+            if name == "handlers" and key not in SCHEMA[name] and isinstance(value, dict):
+                checked[key] = _check_plugin_settings(value, key, path)
+                continue
             if key not in SCHEMA[name]:
-                raise ConfigError(f"{path}: unknown key '{key}' in [{name}]")
+                hint = (" (a third-party handler's own settings go in a [handlers.<plugin>] "
+                        "table)") if name == "handlers" else ""
+                raise ConfigError(f"{path}: unknown key '{key}' in [{name}]{hint}")
             kind = SCHEMA[name][key][0]
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{path}: [{name}] {key} must be an integer")
@@ -218,6 +232,28 @@ def check_config(raw: dict, path: str, require: tuple[str, ...] = ("agent",)) ->
     config = Config(path=path, sections=sections)
     _check_values(config)
     return config
+
+
+PLUGIN_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SETTING_TYPES = (str, int, float, bool)
+
+
+def _check_plugin_settings(table: dict, plugin: str, path: str) -> dict[str, Any]:
+    """A ``[handlers.<plugin>]`` table: that handler plugin's own settings.
+
+    dsagent cannot know their keys (the CTA never loads plugins), so it checks
+    their shape here; the plugin checks their meaning in its validate hook,
+    and ``dsagent doctor`` fails a table that names no installed plugin.
+    """
+    where = f"{path}: [handlers.{plugin}]"
+    if not PLUGIN_RE.fullmatch(plugin):
+        raise ConfigError(f"{where}: not a plugin name (1-64 of A-Z a-z 0-9 _ . -)")
+    for key, value in table.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, _SETTING_TYPES) for item in items):
+            raise ConfigError(f"{where} {key}: a handler setting is a string, number, boolean "
+                              "or a list of them")
+    return dict(table)
 
 
 def _check_values(config: Config) -> None:
@@ -248,11 +284,13 @@ def _check_values(config: Config) -> None:
 
 
 def toml_value(value: Any) -> str:
-    """``value`` (str, int or bool) as a TOML literal."""
+    """``value`` (str, int, float, bool or a list of them) as a TOML literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     out = ['"']
     for ch in str(value):
         if ch in '"\\':
@@ -270,15 +308,17 @@ def toml_value(value: Any) -> str:
 
 
 def render_config(sections: dict[str, dict[str, Any]], header: list[str]) -> str:
-    """A config file (TOML) from ``{section: {key: value}}``, ``header`` as comments."""
+    """A config file (TOML) from ``{section: {key: value}}``, ``header`` as comments;
+    a dict value becomes a ``[section.key]`` table (a plugin's settings)."""
     lines = [f"# {line}" for line in header]
-    for section, table in sections.items():
-        if not table:
-            continue
-        lines.append("")
-        lines.append(f"[{section}]")
-        width = max(len(key) for key in table)
-        lines += [f"{key.ljust(width)} = {toml_value(value)}" for key, value in table.items()]
+    tables = [(name, table) for name, table in sections.items() if table]
+    while tables:
+        section, table = tables.pop(0)
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        lines += ["", f"[{section}]"]
+        width = max((len(key) for key in scalars), default=0)
+        lines += [f"{key.ljust(width)} = {toml_value(value)}" for key, value in scalars.items()]
+        tables[:0] = [(f"{section}.{k}", v) for k, v in table.items() if isinstance(v, dict)]
     return "\n".join(lines) + "\n"
 
 

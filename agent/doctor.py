@@ -101,6 +101,7 @@ class Doctor:
             ("sbs", self.check_sbs), ("drivers", self.check_drivers),
             ("image-store", self.check_image_store),
             ("tickles", self.check_tickles), ("outbox", self.check_outbox),
+            ("handlers", self.check_handlers),
         ]
 
     def run(self, bar: ProgressBar) -> list[Result]:
@@ -421,6 +422,45 @@ class Doctor:
                           "(dsagent logs --since 1h shows the uploads)")
         return Result(name, "ok", f"{depth} status event(s) waiting"
                       + (f", the oldest for {human_age(oldest)}" if oldest is not None else ""))
+
+
+    # ---- handler plugins ------------------------------------------------------------
+    def check_handlers(self) -> Result:
+        """Plugins that fail to load, task types two plugins claim, and settings
+        tables ([handlers.<plugin>]) that name no installed plugin (a typo: the
+        plugin would run without its settings)."""
+        import logging
+
+        from .plugins import load_handlers
+
+        name = "handlers"
+        quiet = logging.getLogger("dsagent.plugins")
+        level, quiet.level = quiet.level, logging.CRITICAL  # reported below, not as a traceback
+        try:
+            registry = load_handlers()
+        finally:
+            quiet.setLevel(level)
+        plugins = sorted({reg.plugin for reg in registry.types.values()})
+        if registry.broken:
+            plugin, error = sorted(registry.broken.items())[0]
+            return Result(name, "fail", f"handler plugin '{plugin}' cannot be loaded: {error}"
+                          + (f" (and {len(registry.broken) - 1} more)"
+                             if len(registry.broken) > 1 else ""),
+                          f"reinstall or remove the package of '{plugin}'; its task types "
+                          "fail until then (dsagent handlers lists them)")
+        if registry.conflicts:
+            task_type, owners = sorted(registry.conflicts.items())[0]
+            return Result(name, "fail", f"task type '{task_type}' is registered by both "
+                          f"{' and '.join(owners)}: it is refused",
+                          "uninstall one of the two packages")
+        unknown = sorted(set(self.config.plugin_settings) - set(plugins))
+        if unknown:
+            return Result(name, "fail", f"[handlers.{unknown[0]}] in {self.path} names no "
+                          f"installed handler plugin (installed: {', '.join(plugins)})",
+                          "fix the table's name (the plugin's entry-point name) or install the "
+                          "plugin")
+        return Result(name, "ok", f"{len(registry.types)} task type(s) from "
+                      f"{len(plugins)} plugin(s): {', '.join(plugins)}")
 
 
 def _overlaps(host: str, bound: str) -> bool:

@@ -45,9 +45,10 @@ class TaskContext:
 
     def __init__(self, task: Task, config: dict[str, Any],
                  send_progress: Callable[[float | None, str, dict], None],
-                 logger: logging.LoggerAdapter):
+                 logger: logging.LoggerAdapter, settings: dict[str, Any] | None = None):
         self.task = task
         self.config = config
+        self.settings = settings or {}   # the plugin's own [handlers.<plugin>] table
         self.log = logger
         self._send = send_progress
         self._last_pct: float | None = None

@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 import pytest
 
+from .config import render_config
 from .events import TERMINAL
 
 DEFAULT_WAIT_S = 600.0
@@ -141,7 +142,7 @@ class DsagentRunner:
         tasks_path = self.workdir / f"tasks-{self._runs}.xml"
         tasks_path.write_bytes(document if isinstance(document, bytes) else document.encode())
         config_path = self.workdir / f"config-{self._runs}.toml"
-        config_path.write_text(toml_section("handlers", handlers or {}))
+        config_path.write_text(render_config({"handlers": handlers or {}}, []))
         env = dict(os.environ)
         if self.plugin_dir.is_dir():
             env["PYTHONPATH"] = os.pathsep.join(
@@ -183,22 +184,6 @@ def _collect(code: int, out: str, log: str) -> dict[str, TaskRun]:
         runs.setdefault(event["task_id"], TaskRun(event["task_id"], [], log, code)) \
             .events.append(event)
     return runs
-
-
-def toml_section(section: str, values: dict[str, Any]) -> str:
-    """A TOML table of str, bool and int values (what the dsagent config holds)."""
-    lines = [f"[{section}]"]
-    for key, value in values.items():
-        if isinstance(value, (str, os.PathLike)):
-            lines.append(f"{key} = {json.dumps(os.fspath(value))}")
-        elif isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int):
-            lines.append(f"{key} = {value}")
-        else:
-            raise TypeError(f"[{section}] {key}: a config value is a str, bool or int, "
-                            f"not {type(value).__name__}")
-    return "\n".join(lines) + "\n"
 
 
 def _run_bounded(command: list[str], env: dict[str, str], wait_s: float) -> tuple[int, str, str]:

@@ -161,7 +161,9 @@ class Worker:
 
             _limit_memory(config.get("max_memory_mb"))
             ctx = TaskContext(task, config, send_progress,
-                              logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")))
+                              logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")),
+                              settings=config.get(registered.plugin) if isinstance(
+                                  config.get(registered.plugin), dict) else None)
             self.current, self.current_ctx = task, ctx
             log.info("handler '%s' %s running %s", registered.plugin, registered.version, task.type)
             try:

@@ -124,3 +124,20 @@ def test_every_config_key_is_documented():
         body = doc.split(f"## [{section}]", 1)[1].split("\n## ", 1)[0]
         for key in keys:
             assert f"`{key}`" in body, f"[{section}] {key} is not in docs/config.md"
+
+
+def test_plugin_settings_tables_are_checked_for_shape():
+    base = {"agent": {"server_url": "http://127.0.0.1:1", "state_dir": "/tmp/x"}}
+    config = check_config({**base, "handlers": {"sbs_dir": "/srv/sbs", "acme": {
+        "endpoint": "https://x", "retries": 3, "tags": ["a", "b"], "on": True}}}, "a.toml")
+    assert config.plugin_settings == {"acme": {"endpoint": "https://x", "retries": 3,
+                                               "tags": ["a", "b"], "on": True}}
+    assert config.handlers["acme"]["retries"] == 3 and config.handlers["sbs_dir"] == "/srv/sbs"
+    with pytest.raises(ConfigError, match=r"\[handlers.acme\] deep: a handler setting is"):
+        check_config({**base, "handlers": {"acme": {"deep": {"x": 1}}}}, "a.toml")
+    with pytest.raises(ConfigError, match=r"\[handlers.a b\]: not a plugin name"):
+        check_config({**base, "handlers": {"a b": {}}}, "a.toml")
+    with pytest.raises(ConfigError, match=r"unknown key 'endpoint' in \[handlers\] \(a third-party"):
+        check_config({**base, "handlers": {"endpoint": "https://x"}}, "a.toml")
+    with pytest.raises(ConfigError, match=r"\[handlers\] sbs_dir must be a str"):
+        check_config({**base, "handlers": {"sbs_dir": {"x": 1}}}, "a.toml")

@@ -105,7 +105,7 @@ def test_human_table_names_each_check_and_what_to_do(config):
     assert lines[0].startswith("FAIL  config")
     assert lines[1].strip() == f"what to do: chmod 600 {config}"
     # the wrong mode does not stop the other checks: the server answers, no agent runs
-    assert lines[-1] == "11 checks: 3 ok, 2 warn, 1 fail, 5 skip"
+    assert lines[-1] == "12 checks: 4 ok, 2 warn, 1 fail, 5 skip"
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
 
 
@@ -390,3 +390,22 @@ def test_outbox_events_the_server_has_not_taken_for_long(config, server):
     code, checks = doctor(config)
     assert checks["outbox"]["status"] == "warn", checks["outbox"]
     assert "the oldest for 1 h 0 min: the server has not accepted them" in checks["outbox"]["finding"]
+
+
+# ---- handler plugins -----------------------------------------------------------------
+
+def test_settings_for_a_plugin_that_is_not_installed(tmp_path, server, store):
+    """A typo in a [handlers.<plugin>] table: the plugin would run without its settings."""
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-1"),
+                          {"exampel": {"greeting": "hi"}})
+    code, checks = doctor(config)
+    handlers = checks["handlers"]
+    assert handlers["status"] == "fail" and code == 1, handlers
+    assert handlers["finding"].startswith(f"[handlers.exampel] in {config} names no installed "
+                                          "handler plugin (installed: bootwiz, example, imaging")
+
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-2"),
+                          {"example": {"greeting": "hi"}})
+    code, checks = doctor(config)
+    assert checks["handlers"]["status"] == "ok", checks["handlers"]
+    assert "from 5 plugin(s): bootwiz, example, imaging, runscript, sbs" in checks["handlers"]["finding"]

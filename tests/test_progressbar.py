@@ -96,7 +96,7 @@ def test_doctor_and_enroll_show_their_steps_on_a_terminal(tmp_path, server):
 
     code, stdout, terminal = run_with_tty_stderr(["doctor", "--config", config, "--json"])
     assert json.loads(stdout)["checks"][0]["name"] == "config"
-    assert "check 1 of 11: config" in terminal and "check 11 of 11: outbox" in terminal
+    assert "check 1 of 12: config" in terminal and "check 12 of 12: handlers" in terminal
     assert_no_control(stdout)
 
     result = run_piped(["doctor", "--config", config])

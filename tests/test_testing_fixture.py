@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from agent.testing import DsagentRunError, toml_section
+from agent.testing import DsagentRunError
 
 LOGGING_PLUGIN = """
     from agent import hookimpl
@@ -89,5 +89,41 @@ def test_whole_document_with_a_rejected_task(dsagent_run):
 def test_unusable_config_is_an_error_naming_the_key(dsagent_run):
     with pytest.raises(DsagentRunError, match="unknown key 'no_such_key'"):
         dsagent_run("Example.Echo", {"text": "a"}, handlers={"no_such_key": "x"})
-    with pytest.raises(TypeError, match=r"\[handlers\] ratio: .* not float"):
-        toml_section("handlers", {"ratio": 0.5})
+    with pytest.raises(DsagentRunError, match=r"\[handlers.acme\] deep: a handler setting"):
+        dsagent_run("Example.Echo", {"text": "a"}, handlers={"acme": {"deep": {"x": 1}}})
+
+
+SETTINGS_PLUGIN = '''
+from agent import hookimpl
+from agent.errors import BadParameters
+from agent.tasks import TaskType
+
+
+@hookimpl
+def dsagent_task_types(register):
+    register(TaskType("Fixture.Settings", 20, "returns its own settings"))
+
+
+@hookimpl
+def dsagent_validate_task(task, config):
+    if "endpoint" not in config.get("fixture_settings", {}):
+        raise BadParameters("[handlers.fixture_settings] endpoint is not set")
+
+
+@hookimpl
+def dsagent_run_task(task, ctx):
+    return {"settings": ctx.settings}
+'''
+
+
+def test_a_handler_gets_its_own_settings_table(dsagent_run):
+    """[handlers.<plugin>] reaches that plugin (validate: config[<plugin>]; run: ctx.settings)."""
+    dsagent_run.plugin("fixture_settings", SETTINGS_PLUGIN)
+    refused = dsagent_run("Fixture.Settings")
+    assert refused.message == "[handlers.fixture_settings] endpoint is not set"
+    mine = {"endpoint": "https://inventory.example/api", "retries": 3, "ratio": 0.5,
+            "tags": ["a", "b"], "verbose": True}
+    run = dsagent_run("Fixture.Settings", handlers={"fixture_settings": mine,
+                                                   "other_plugin": {"secret": "not mine"}})
+    assert run.state == "succeeded", run
+    assert run.details == {"settings": mine}
