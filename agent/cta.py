@@ -120,7 +120,7 @@ class CTA:
         self.wake_event = threading.Event()
         self._tickled = threading.Event()   # a wake-up other than the timers since the last pull
         self._last_pull = 0.0
-        self._why = "start"
+        self._woken_by: tuple[str, str | None] = ("start", None)   # (why, tickle nonce)
         self.running: dict[str, Any] = {}
         self._retry_at = 0.0
         self._retry_delay = 0.0
@@ -167,12 +167,14 @@ class CTA:
             log.info("forgot %d finished task(s) older than %d days", removed, PRUNE_AFTER_S // 86400)
 
     # ---- wake-ups --------------------------------------------------------
-    def wake(self, why: str = "") -> None:
+    def wake(self, why: str = "", tickle: str | None = None) -> None:
+        """Pull soon; ``tickle`` is the nonce of the tickle behind a wake-up."""
         if why and why != "poll timer":
             log.debug("wake-up: %s", why)
         if why not in ("poll timer", "retry"):
             self._tickled.set()
-        self._why = why or self._why  # the next pull's log lines say what caused it
+        if why:  # the next pull's log lines say what caused it
+            self._woken_by = (why, tickle)
         self.wake_event.set()
 
     def _accept_wakeups(self) -> None:
@@ -225,7 +227,8 @@ class CTA:
         answer = b""
         if data:  # an empty connection is a port probe: nothing to answer
             try:
-                self.wake(f"tickle {check_wake(bytes(data), self.hop_key, cache)}")
+                nonce = check_wake(bytes(data), self.hop_key, cache)
+                self.wake(f"tickle {nonce}", tickle=nonce)
                 answer = b"OK\n"
             except TickleRefused as exc:
                 log.warning("refused a wake-up on the CTA port: %s", exc)
@@ -252,9 +255,9 @@ class CTA:
             self.wake_event.clear()
             self._tickled.clear()
             self._last_pull = time.monotonic()
-            why, self._why = self._why, "poll timer"
+            woken_by, self._woken_by = self._woken_by, ("poll timer", None)
             try:
-                self.pull_once(why)
+                self.pull_once(*woken_by)
                 # the server answers: an uploader backing off need not wait on
                 self.notifier.notify(SERVER_BACK)
                 self._retry_delay = self._retry_at = 0.0
@@ -288,7 +291,7 @@ class CTA:
         self._retry_at = time.monotonic() + delay
         self.wake_event.set()
 
-    def pull_once(self, why: str = "") -> None:
+    def pull_once(self, why: str = "", tickle: str | None = None) -> None:
         document = parse_client_tasks(self.api.get_tasks(MAX_DOCUMENT_BYTES), self.client_id)
         for message in document.skipped[:SKIPPED_LOG_LINES]:
             log.warning("task document: %s", message)
@@ -313,7 +316,6 @@ class CTA:
         for task in new:
             self._submit(task)
         self.db.wait(changes)
-        tickle = why.removeprefix("tickle ") if why.startswith("tickle ") else None
         for change in changes:
             log.info("task %s%s %s%s", change.task_id,
                      f" ({change.type_name})" if change.type_name else "", change.state,

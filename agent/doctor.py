@@ -435,7 +435,8 @@ class Doctor:
 
         name = "handlers"
         quiet = logging.getLogger("dsagent.plugins")
-        level, quiet.level = quiet.level, logging.CRITICAL  # reported below, not as a traceback
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # reported below, not as a traceback
         try:
             registry = load_handlers()
         finally:

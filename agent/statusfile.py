@@ -51,11 +51,11 @@ class StatusFile:
                 return
         self.flush()
 
-    def count(self, key: str) -> None:
-        """Add one to the counter ``key``."""
+    def count(self, key: str, **facts: Any) -> None:
+        """Add one to the counter ``key`` (and merge ``facts``, like :meth:`update`)."""
         with self._lock:
             self.facts[key] = self.facts.get(key, 0) + 1
-        self.update()
+        self.update(**facts)
 
     def flush(self) -> None:
         with self._lock:

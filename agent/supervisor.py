@@ -23,9 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .config import Config, load_config
+from .config import Config, load_config, parse_hostport
 from .errors import AuthError, DsagentError, ServerError
-from .logsetup import setup_logging
+from .logsetup import log_dir, setup_logging
 from .reaper import become_subreaper, kill_adopted
 from .serverapi import ServerAPI
 from .statusfile import StatusFile
@@ -83,9 +83,7 @@ def start_trace(config: Config):
     listen = config.get("trace", "listen")
     if not listen:
         return None
-    from .config import parse_hostport
-    from .logsetup import log_dir
-    from .trace import TraceServer, load_trace_key
+    from .trace import TraceServer, load_trace_key  # only when the trace is on
 
     try:
         host, port = parse_hostport(listen, "[trace] listen")

@@ -137,17 +137,25 @@ def check_wake(line: bytes, hop_key: bytes, cache: ReplayCache,
     return nonce
 
 
+def read_line(sock: socket.socket, limit: int = MAX_LINE) -> bytes:
+    """Read until a newline, EOF, or more than ``limit`` bytes (the caller
+    refuses a longer line). For a peer that sends one line and waits: bytes
+    after the newline are read too, so never use it on a stream."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= limit:
+        chunk = sock.recv(limit + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def exchange_line(host: str, port: int, line: bytes, timeout: float = 5.0) -> str:
     """Send one line, return the one-line answer without its newline."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(line)
-        answer = b""
-        while not answer.endswith(b"\n") and len(answer) < MAX_LINE:
-            chunk = sock.recv(MAX_LINE)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_line(sock, MAX_LINE - 1)
     return answer.decode("ascii", "replace").strip()
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .logview import LogFollower, format_record, matches
 from .serverapi import is_loopback_host
-from .tickle import sign
+from .tickle import read_line, sign
 
 log = logging.getLogger("dsagent.trace")
 
@@ -61,16 +61,6 @@ def load_trace_key(state_dir: str | os.PathLike, create: bool = False) -> bytes:
 
 def _challenge(nonce: str) -> bytes:
     return f"DSTRACE/1 {nonce}".encode("ascii")
-
-
-def _read_line(sock: socket.socket, limit: int = MAX_LINE) -> bytes:
-    data = b""
-    while not data.endswith(b"\n") and len(data) <= limit:
-        chunk = sock.recv(limit + 1 - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class TraceServer:
@@ -138,7 +128,7 @@ class TraceServer:
         nonce = secrets.token_hex(16)
         conn.sendall(_challenge(nonce) + b"\n")
         try:
-            line = _read_line(conn)
+            line = read_line(conn, MAX_LINE)
         except socket.timeout:
             line = b""
         parts = line.decode("ascii", "replace").split()
@@ -183,22 +173,23 @@ def watch(host: str, port: int, key: bytes, task: str | None = None, as_json: bo
     except OSError as exc:
         print(f"dsagent trace: cannot reach {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    with sock:
-        first = _read_line(sock).decode("ascii", "replace").split()
+    # one buffered reader for all of it: the records may follow "OK" in the same read
+    with sock, sock.makefile("rb") as stream:
+        first = stream.readline(MAX_LINE).decode("ascii", "replace").split()
         if len(first) != 2 or first[0] != "DSTRACE/1":
             print(f"dsagent trace: {host}:{port} is not a dsagent remote trace "
                   f"(it said {' '.join(first)[:60]!r})", file=sys.stderr)
             return 1
         sig = sign(key, _challenge(first[1]))
         sock.sendall(f"AUTH {sig}{' ' + task if task else ''}\n".encode("ascii"))
-        answer = _read_line(sock).strip().decode("ascii", "replace")
+        answer = stream.readline(MAX_LINE).strip().decode("ascii", "replace")
         if answer != "OK":
             print(f"dsagent trace: refused: {answer}", file=sys.stderr)
             return 1
         sock.settimeout(None)
-        buffered = sock.makefile("r", encoding="utf-8", errors="replace")
         try:
-            for line in buffered:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace")
                 if as_json:
                     out.write(line)
                 else:

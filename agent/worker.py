@@ -160,10 +160,10 @@ class Worker:
                                    "message": message, "details": details})
 
             _limit_memory(config.get("max_memory_mb"))
+            settings = config.get(registered.plugin)  # its [handlers.<plugin>] table, if any
             ctx = TaskContext(task, config, send_progress,
                               logging.LoggerAdapter(logging.getLogger(f"dsagent.handler.{task.type}")),
-                              settings=config.get(registered.plugin) if isinstance(
-                                  config.get(registered.plugin), dict) else None)
+                              settings=settings if isinstance(settings, dict) else None)
             self.current, self.current_ctx = task, ctx
             log.info("handler '%s' %s running %s", registered.plugin, registered.version, task.type)
             try:

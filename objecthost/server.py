@@ -231,7 +231,6 @@ class ObjectHost:
         self.port: int | None = None
         self.stats: Counter[str] = Counter()   # keys: accepted, refused-<code>, evicted, forward-ok, forward-failed
         self.status = status                   # last tickle accepted / refused, for `dsagent status`
-        self._refused = 0
         self._latest_nonce: str | None = None  # the wake-up carries it: the CTA logs which tickle
 
         self._credentials = (client_id, tickle_key) if client_id and tickle_key else None
@@ -591,10 +590,9 @@ class ObjectHost:
 
     def _log_refusal(self, addr, exc: TickleRefused, preview: bytes | None = None) -> None:
         self.stats[f"refused-{exc.code}"] += 1
-        self._refused += 1
         if self.status is not None:
-            self.status.update(refused=self._refused,
-                               last_refused={"at": time.time(), "peer": addr, "code": exc.code})
+            self.status.count("refused",
+                              last_refused={"at": time.time(), "peer": addr, "code": exc.code})
         if not self._refusal_log.allow():
             return
         reason = exc.reason or exc.code
