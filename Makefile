@@ -19,7 +19,7 @@ system-tools:
 	@bash packaging/ensure-system-tools.sh
 
 demo: setup
-	$(BIN)/python -m agent.demo
+	$(BIN)/python -m taskserver.demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,19 +1,20 @@
 """dsagent: tickle -> CTA -> handler plugins -> durable status upload.
 
-Handler authors need only ``from agent import hookimpl`` (and the errors in
-``agent.errors``). The pluggy import is lazy so that the objecthost, which
-imports ``agent.config`` and ``agent.tickle``, stays on the standard library.
+The agent's code, by role (docs/architecture.md draws the whole house):
+
+- ``agent.plugin``: the one public API, for handler authors: hooks, the
+  ``hookimpl`` marker, task types and their parameters, errors, progress,
+  the ``dsagent_run`` pytest fixture.
+- ``agent.common``: plumbing every process shares: config, errors, logging
+  setup, tickle frames, status files, the CTA's notify socket, the server API.
+- ``agent.cta``: the Client Task Agent, its task state and its workers.
+- ``agent.supervisor``: ``dsagent run``, which starts and watches the
+  objecthost, the CTA and the ctdataloader.
+- ``agent.tools``: what operators run: the CLI and its commands (doctor,
+  status, logs, trace, enroll, new-handler, run-task).
+
+This module imports nothing, so the objecthost stays on the standard library.
 """
 
-from __future__ import annotations
-
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "__version__"]
-
-
-def __getattr__(name: str):
-    if name == "hookimpl":
-        from .hookspecs import hookimpl
-
-        return hookimpl
-    raise AttributeError(f"module 'agent' has no attribute {name!r}")
+__all__ = ["__version__"]

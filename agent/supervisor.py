@@ -23,13 +23,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .config import Config, load_config, parse_hostport
-from .errors import AuthError, DsagentError, ServerError
-from .logsetup import log_dir, setup_logging
-from .reaper import become_subreaper, kill_adopted
-from .serverapi import ServerAPI
-from .statusfile import StatusFile
-from .tickle import load_hop_key
+from agent.common.config import Config, load_config, parse_hostport
+from agent.common.errors import AuthError, DsagentError, ServerError
+from agent.common.logsetup import log_dir, setup_logging
+from agent.common.reaper import become_subreaper, kill_adopted
+from agent.common.serverapi import ServerAPI
+from agent.common.statusfile import StatusFile
+from agent.common.tickle import load_hop_key
 
 log = logging.getLogger("dsagent.supervisor")
 
@@ -83,7 +83,7 @@ def start_trace(config: Config):
     listen = config.get("trace", "listen")
     if not listen:
         return None
-    from .trace import TraceServer, load_trace_key  # only when the trace is on
+    from agent.tools.trace import TraceServer, load_trace_key  # only when the trace is on
 
     try:
         host, port = parse_hostport(listen, "[trace] listen")

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import chain as chain_bench
-from . import imaging as imaging_bench
-from . import micro
-from .report import Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table
+from bench import chain as chain_bench
+from bench import imaging as imaging_bench
+from bench import micro
+from bench.report import Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table
 
 RESULTS = Path(__file__).with_name("results.md")
 IMAGING_HEADING = "## Imaging"

@@ -40,11 +40,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.events import TERMINAL
+from agent.common.events import TERMINAL
 from taskserver.app import tickle_client
 from taskserver.loopback import LoopbackChain, wait_port
 
-from .report import Conditions, Row, machine_lines, table
+from bench.report import Conditions, Row, machine_lines, table
 
 VICTIMS = ("cta", "ctdataloader", "objecthost")
 BACKOFF_ENV = "DSAGENT_RESTART_BACKOFF_MAX_S"

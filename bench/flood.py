@@ -56,12 +56,12 @@ from pathlib import Path
 
 import psutil
 
-from agent.errors import TickleRefused
-from agent.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
+from agent.common.errors import TickleRefused
+from agent.common.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
 from taskserver import TaskStore, TickleFailed
 from taskserver.app import tickle_client
 
-from .report import Conditions, Row, machine_lines, mb, ms, percentile, table
+from bench.report import Conditions, Row, machine_lines, mb, ms, percentile, table
 
 REPO = Path(__file__).resolve().parent.parent
 FLOODGEN_SRC = Path(__file__).with_name("floodgen.c")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .report import Conditions, Row, machine_lines, mb, table
+from bench.report import Conditions, Row, machine_lines, mb, table
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

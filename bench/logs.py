@@ -26,10 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-from agent.logsetup import utc_timestamp
-from agent.logview import LogFollower
+from agent.common.logsetup import utc_timestamp
+from agent.tools.logview import LogFollower
 
-from .report import Row, table
+from bench.report import Row, table
 
 PROCESSES = ("objecthost", "cta", "worker", "ctdataloader")
 
@@ -38,7 +38,7 @@ def line_cost(log_dir: Path, lines: int, *, to_file: bool, to_stderr: bool) -> f
     """Microseconds per ``log.info`` with a task and event id, in a fresh process."""
     code = textwrap.dedent(f"""
         import logging, sys, time
-        from agent.logsetup import LogSettings, setup_logging, task_context
+        from agent.common.logsetup import LogSettings, setup_logging, task_context
         setup_logging("cta", settings=LogSettings(dir={str(log_dir) if to_file else ""!r}))
         if not {to_stderr}:
             logging.getLogger().handlers[:] = logging.getLogger().handlers[1:]
@@ -76,7 +76,7 @@ def logs_command(log_dir: Path, *args: str) -> tuple[float, float, int]:
     """(seconds, peak RSS MiB, lines printed) of ``dsagent logs`` in its own process."""
     code = textwrap.dedent(f"""
         import resource, sys, time
-        from agent.cli import main
+        from agent.tools.cli import main
         start = time.perf_counter()
         code = main(["logs", "--log-dir", {str(log_dir)!r}, *{list(args)!r}])
         took = time.perf_counter() - start

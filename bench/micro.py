@@ -12,9 +12,10 @@ from typing import Callable
 
 import httpx
 
-from agent.statedb import connect
-from agent.taskxml import parse_client_tasks
-from taskserver.app import TaskServer, render_tasks
+from agent.cta.statedb import connect
+from agent.common.taskxml import parse_client_tasks
+from agent.common.taskxml import render_client_tasks
+from taskserver.app import TaskServer
 from taskserver.store import TaskStore
 
 
@@ -118,7 +119,7 @@ def xml_parse(n: int, tasks: int = 50) -> tuple[list[float], int]:
     rows = [{"task_id": str(uuid.uuid4()), "type": "RunScript", "timeout": 600,
              "params": {"script": f"echo task {i} && true", "interpreter": "/bin/sh"}}
             for i in range(tasks)]
-    document = render_tasks("micro-pc", rows)
+    document = render_client_tasks("micro-pc", rows)
 
     def once() -> None:
         parsed = parse_client_tasks(document, "micro-pc")

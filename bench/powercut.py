@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.powercut import harness
 
-from .report import machine_lines
+from bench.report import machine_lines
 
 SETTINGS = (("FULL (as shipped)", {}),
             ("NORMAL", {"cta_sync": "NORMAL"}),

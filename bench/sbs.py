@@ -33,8 +33,8 @@ from pathlib import Path
 
 from taskserver.loopback import LoopbackChain
 
-from .chain import _cpu_snapshot, at_epoch
-from .report import Conditions, Row, cpu_row, machine_lines, table
+from bench.chain import _cpu_snapshot, at_epoch
+from bench.report import Conditions, Row, cpu_row, machine_lines, table
 
 GOALS_S = {50: 1.0, 10_000: 30.0}
 PAYLOAD = ('<Computer mac="00:11:22:33:{:02x}:{:02x}" name="PC-{:05d}" '

@@ -1,5 +1,5 @@
 import sys
 
-from .uploader import main
+from ctdataloader.uploader import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.statedb import connect
+from agent.cta.statedb import connect
 
 
 class Outbox:

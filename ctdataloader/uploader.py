@@ -18,14 +18,14 @@ import sys
 import threading
 import time
 
-from agent.config import Config, load_config
-from agent.errors import AuthError, DsagentError, ServerError
-from agent.logsetup import setup_logging
-from agent.statusfile import StatusFile
-from agent.notify import SERVER_BACK, Notifier, NotifyListener
-from agent.statedb import db_path
+from agent.common.config import Config, load_config
+from agent.common.errors import AuthError, DsagentError, ServerError
+from agent.common.logsetup import setup_logging
+from agent.common.statusfile import StatusFile
+from agent.common.notify import SERVER_BACK, Notifier, NotifyListener
+from agent.cta.statedb import db_path
 
-from .outbox import Outbox
+from ctdataloader.outbox import Outbox
 
 log = logging.getLogger("dsagent.ctdataloader")
 
@@ -61,7 +61,7 @@ class Uploader:
         """The HTTP client, made on first use: an agent with nothing to send
         never loads the HTTP and TLS stack (idle memory)."""
         if self._api is None:
-            from agent.serverapi import ServerAPI
+            from agent.common.serverapi import ServerAPI
 
             self._api = ServerAPI(self.server_url, self.creds.client_id, self.creds.token)
         return self._api

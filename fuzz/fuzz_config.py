@@ -15,8 +15,8 @@ from _harness import fuzz, instrumented, known_bug
 with instrumented(__name__ == "__main__"):
     import tomllib
 
-    from agent.config import SCHEMA, check_config, parse_hostport
-    from agent.errors import ConfigError
+    from agent.common.config import SCHEMA, check_config, parse_hostport
+    from agent.common.errors import ConfigError
 
 
 # Reported, reproducers in fuzz/known-crashes/config (skipped with FUZZ_SKIP_KNOWN=1)
@@ -28,7 +28,7 @@ def _load_config_refuses(data: bytes) -> None:
     import os
     import tempfile
 
-    from agent.config import load_config
+    from agent.common.config import load_config
 
     fd, path = tempfile.mkstemp(suffix=".toml")
     try:

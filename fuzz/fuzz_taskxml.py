@@ -15,9 +15,9 @@ import json
 from _harness import fuzz, instrumented, known_bug
 
 with instrumented(__name__ == "__main__"):
-    from agent.errors import TaskDocumentError
-    from agent.taskxml import MAX_TIMEOUT_S, TYPE_RE, UUID_RE, parse_client_tasks
-    from agent.tasks import Task
+    from agent.common.errors import TaskDocumentError
+    from agent.common.taskxml import MAX_TIMEOUT_S, TYPE_RE, UUID_RE, parse_client_tasks
+    from agent.common.task import Task
 
 CID = "pc-0042"
 # Reported, reproducers in fuzz/known-crashes/taskxml (skipped with FUZZ_SKIP_KNOWN=1)

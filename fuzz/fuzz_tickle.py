@@ -16,8 +16,8 @@ import hmac
 from _harness import fuzz, instrumented
 
 with instrumented(__name__ == "__main__"):
-    from agent.errors import TickleRefused
-    from agent.tickle import (MAX_LINE, MAX_SKEW_S, TICKLE_RE, WAKE_RE, ReplayCache,
+    from agent.common.errors import TickleRefused
+    from agent.common.tickle import (MAX_LINE, MAX_SKEW_S, TICKLE_RE, WAKE_RE, ReplayCache,
                               check_tickle, check_wake, sign)
 
 CID = "pc-0042"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _harness import REPO  # noqa: F401  (puts the repo on sys.path)
 
-from agent.tickle import sign
+from agent.common.tickle import sign
 
 HERE = Path(__file__).resolve().parent
 CID = "pc-0042"

@@ -19,9 +19,8 @@ import subprocess
 import tempfile
 import time
 
-from agent import __version__, hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent import __version__
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
 TAIL_BYTES = 4096
 PARAMETERS = {"script", "interpreter"}

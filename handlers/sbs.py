@@ -57,9 +57,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from agent import __version__, hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent import __version__
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
 TASK_TYPE = "UpdateSBSInfo"
 DEFAULT_TIMEOUT_S = 300

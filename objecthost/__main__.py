@@ -1,5 +1,5 @@
 """``python -m objecthost --config FILE``."""
 
-from .server import main
+from objecthost.server import main
 
 raise SystemExit(main())

@@ -35,11 +35,11 @@ import time
 from collections import Counter
 from typing import Callable
 
-from agent.config import load_config, parse_hostport
-from agent.errors import ConfigError, TickleRefused
-from agent.logsetup import setup_logging
-from agent.statusfile import StatusFile
-from agent.tickle import MAX_LINE, ReplayCache, check_tickle, load_hop_key, make_wake
+from agent.common.config import load_config, parse_hostport
+from agent.common.errors import ConfigError, TickleRefused
+from agent.common.logsetup import setup_logging
+from agent.common.statusfile import StatusFile
+from agent.common.tickle import MAX_LINE, ReplayCache, check_tickle, load_hop_key, make_wake
 
 log = logging.getLogger("objecthost")
 

@@ -11,8 +11,8 @@
 Command line: ``dsagent-server`` / ``python -m taskserver`` (see taskserver.cli).
 """
 
-from .app import TaskServer, TickleFailed, render_tasks, tickle_client
-from .store import (
+from taskserver.app import TaskServer, TickleFailed, tickle_client
+from taskserver.store import (
     STATES,
     TERMINAL_STATES,
     InvalidRequest,
@@ -24,5 +24,5 @@ from .store import (
 
 __all__ = [
     "STATES", "TERMINAL_STATES", "InvalidRequest", "RegistrationRefused", "StoreError",
-    "TaskServer", "TaskStore", "TickleFailed", "UnknownClient", "render_tasks", "tickle_client",
+    "TaskServer", "TaskStore", "TickleFailed", "UnknownClient", "tickle_client",
 ]

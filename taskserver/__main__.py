@@ -1,5 +1,5 @@
 """``python -m taskserver`` is ``dsagent-server``."""
 
-from .cli import main
+from taskserver.cli import main
 
 raise SystemExit(main())

@@ -37,10 +37,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from agent.errors import DsagentError
-from agent.tickle import send_tickle
+from agent.common.errors import DsagentError
+from agent.common.taskxml import render_client_tasks
+from agent.common.tickle import send_tickle
 
-from .store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
+from taskserver.store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
 
 log = logging.getLogger("taskserver")
 
@@ -49,46 +50,10 @@ TICKLE_RETRY_DELAY_S = (0.05, 0.25)   # one retry of a reset or busy tickle, aft
 SERVER_NAME = "dsagent-server/0.1"
 TASKS_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status)")
 
-_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord('"'): "&quot;",
-                 ord("'"): "&apos;", ord("\r"): "&#13;"}
-_ATTR_ESCAPES = {**_TEXT_ESCAPES, ord("\n"): "&#10;", ord("\t"): "&#9;"}
-
 
 class TickleFailed(DsagentError):
     """A tickle could not be sent (unknown client, no address, unreachable)."""
 
-
-def xml_text(value: str) -> str:
-    """Escape character data so an XML parser gives back exactly ``value``.
-
-    ``\\r`` becomes ``&#13;``: a literal CR would be normalised to LF.
-    """
-    return value.translate(_TEXT_ESCAPES)
-
-
-def xml_attr(value: str) -> str:
-    """Escape an attribute value (also tab and newline, which parsers turn into spaces)."""
-    return value.translate(_ATTR_ESCAPES)
-
-
-def render_tasks(client_id: str, tasks: Iterable[dict]) -> bytes:
-    """The §3 ``<ClientTasks>`` document (UTF-8) for ``pending_tasks()`` rows.
-
-    Compact, with no whitespace between elements, so a parser that keeps
-    whitespace (xmltodict ``strip_whitespace=False``) sees only parameter text.
-    """
-    out = ['<?xml version="1.0" encoding="UTF-8"?>\n',
-           f'<ClientTasks client="{xml_attr(client_id)}">']
-    for task in tasks:
-        out.append(f'<Task id="{xml_attr(task["task_id"])}" type="{xml_attr(task["type"])}"')
-        if task.get("timeout") is not None:
-            out.append(f' timeout="{int(task["timeout"])}"')
-        out.append("><Parameters>")
-        for name, value in task["params"].items():
-            out.append(f'<Parameter name="{xml_attr(name)}">{xml_text(value)}</Parameter>')
-        out.append("</Parameters></Task>")
-    out.append("</ClientTasks>\n")
-    return "".join(out).encode("utf-8")
 
 
 def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
@@ -315,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
                             [("WWW-Authenticate", 'Bearer realm="dsagent"')])
                 return
             if endpoint == "tasks":
-                xml = render_tasks(client_id, app.store.pending_tasks(client_id))
+                xml = render_client_tasks(client_id, app.store.pending_tasks(client_id))
                 self._send(200, xml, "application/xml")
             else:
                 self._status(client_id, body)

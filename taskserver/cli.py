@@ -28,11 +28,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from agent.config import SCHEMA as AGENT_SCHEMA, check_config, render_config, write_private
-from agent.errors import DsagentError
+from agent.common.config import SCHEMA as AGENT_SCHEMA, check_config, render_config, write_private
+from agent.common.errors import DsagentError
 
-from .app import TaskServer, tickle_client
-from .store import TERMINAL_STATES, TaskStore, parse_hostport
+from taskserver.app import TaskServer, tickle_client
+from taskserver.store import TERMINAL_STATES, TaskStore, parse_hostport
 
 PROG = "dsagent-server"
 

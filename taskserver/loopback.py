@@ -17,8 +17,8 @@ from typing import Any
 
 import psutil
 
-from .app import TaskServer
-from .store import TaskStore
+from taskserver.app import TaskServer
+from taskserver.store import TaskStore
 
 CHILD_MODULES = {"objecthost": "objecthost", "cta": "agent.cta", "ctdataloader": "ctdataloader"}
 
@@ -126,7 +126,7 @@ class LoopbackChain:
     def wait_first_pull(self, timeout: float = 30.0) -> None:
         """Wait until the CTA's start-up pull is done, so that tasks queued now
         come with a tickle's pull (as in production), not with that one."""
-        from agent.statusfile import read_all
+        from agent.common.statusfile import read_all
 
         deadline = time.monotonic() + timeout
         while "last_pull_ok_at" not in read_all(self.workdir / "state").get("cta", {}):

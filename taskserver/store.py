@@ -39,8 +39,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from agent.config import parse_hostport as agent_parse_hostport
-from agent.errors import ConfigError, DsagentError
+from agent.common.config import parse_hostport as agent_parse_hostport
+from agent.common.errors import ConfigError, DsagentError
 
 log = logging.getLogger("taskserver.store")
 

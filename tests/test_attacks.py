@@ -33,10 +33,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.errors import ServerError
-from agent.events import TERMINAL
-from agent.serverapi import ServerAPI
-from agent.tickle import exchange_line, make_tickle, make_wake, send_tickle
+from agent.common.errors import ServerError
+from agent.common.events import TERMINAL
+from agent.common.serverapi import ServerAPI
+from agent.common.tickle import exchange_line, make_tickle, make_wake, send_tickle
 from taskserver.loopback import LoopbackChain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -513,8 +513,8 @@ def test_dribbling_server_cannot_hold_a_call_past_its_timeout(peers):
 BOMB_CHILD = r"""
 import json, resource, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from agent.serverapi import ServerAPI
-from agent.errors import ServerError
+from agent.common.serverapi import ServerAPI
+from agent.common.errors import ServerError
 body = open(sys.argv[1], "rb").read()
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

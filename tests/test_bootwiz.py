@@ -18,8 +18,9 @@ import uuid
 
 import pytest
 
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import Task, TaskContext
+from agent.common.errors import BadParameters, TaskFailed
+from agent.common.task import Task
+from agent.plugin.tasks import TaskContext
 from handlers.bootwiz import build as bw
 from handlers.bootwiz import plugin
 from handlers.bootwiz.cpio import CpioError, NewcWriter, Output, scan_initrd

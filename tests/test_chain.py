@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.events import TERMINAL
+from agent.common.events import TERMINAL
 from taskserver.loopback import LoopbackChain
 
 

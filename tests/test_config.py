@@ -5,8 +5,8 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.config import check_config, load_config
-from agent.errors import ConfigError
+from agent.common.config import check_config, load_config
+from agent.common.errors import ConfigError
 
 GOOD = """
 [agent]
@@ -116,7 +116,7 @@ def test_every_config_key_is_documented():
     """docs/config.md lists every section and key the loader accepts."""
     from pathlib import Path
 
-    from agent.config import SCHEMA
+    from agent.common.config import SCHEMA
 
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     for section, keys in SCHEMA.items():

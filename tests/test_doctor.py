@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import render_config, write_private
-from agent.tickle import exchange_line, make_tickle
+from agent.common.config import render_config, write_private
+from agent.common.tickle import exchange_line, make_tickle
 from taskserver.loopback import LoopbackChain, free_port
 
 DSAGENT = [sys.executable, "-m", "agent"]
@@ -372,8 +372,8 @@ def test_tickles_refused_since_the_last_accepted_one(tmp_path):
 
 
 def test_outbox_events_the_server_has_not_taken_for_long(config, server):
-    from agent.statedb import AgentDB, db_path
-    from agent.tasks import Task
+    from agent.cta.statedb import AgentDB, db_path
+    from agent.common.task import Task
 
     state = config.parent / "state"
     db = AgentDB(db_path(state))

@@ -12,9 +12,9 @@ import tomllib
 import psutil
 import pytest
 
-from agent.config import load_config
-from agent.serverapi import ServerAPI
-from agent.taskxml import parse_client_tasks
+from agent.common.config import load_config
+from agent.common.serverapi import ServerAPI
+from agent.common.taskxml import parse_client_tasks
 
 DSAGENT = [sys.executable, "-m", "agent"]
 KEY = "let-me-in"  # the enrollment key of the conftest server

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
 
 from agent import supervisor  # noqa: E402
-from agent.config import SCHEMA  # noqa: E402
+from agent.common.config import SCHEMA  # noqa: E402
 from bench import faults  # noqa: E402
 from bench.report import table  # noqa: E402
 from taskserver.loopback import LoopbackChain  # noqa: E402
@@ -269,7 +269,7 @@ def test_memory_eater_is_contained(chain):
         # no memory limit yet: the task is at least contained by its timeout
         assert end["state"] == "timed_out", end
         assert chain.child("cta").is_running()
-        pytest.skip("[handlers] max_memory_mb is not in agent/config.py yet: the memory "
+        pytest.skip("[handlers] max_memory_mb is not in agent/common/config.py yet: the memory "
                     "limit is not asserted (the eater was stopped by its 3 s timeout)")
     assert end["state"] == "failed", end
     text = (end["message"] + " " + str(end["details"].get("stderr_tail", ""))).lower()

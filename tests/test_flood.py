@@ -23,7 +23,7 @@ import pytest
 
 from bench.flood import (CID, LegitTickler, ObjectHostProcess, build_floodgen, floodgen,
                          forged_lines, raise_fd_limit)
-from agent.tickle import make_tickle
+from agent.common.tickle import make_tickle
 from taskserver import TaskStore
 from taskserver.app import tickle_client
 

@@ -311,8 +311,9 @@ def test_a_cancelled_capture_stops_through_ctx_cancelled_and_leaves_no_image(tmp
     """The worker's cancel (timeout, shutdown) reaches the capture loop via ctx.cancelled()."""
     import logging
 
-    from agent.errors import TaskFailed
-    from agent.tasks import Task, TaskContext
+    from agent.common.errors import TaskFailed
+    from agent.common.task import Task
+    from agent.plugin.tasks import TaskContext
     from handlers.imaging import plugin
 
     images = tmp_path / "images"

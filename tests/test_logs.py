@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import trace as trace_mod
-from agent.config import check_config
-from agent.errors import ConfigError
-from agent.logview import LogFollower, log_files, parse_since, read_records
-from agent.tickle import sign
-from agent.trace import TraceServer, _challenge, load_trace_key
+from agent.tools import trace as trace_mod
+from agent.common.config import check_config
+from agent.common.errors import ConfigError
+from agent.tools.logview import LogFollower, log_files, parse_since, read_records
+from agent.common.tickle import sign
+from agent.tools.trace import TraceServer, _challenge, load_trace_key
 from taskserver.loopback import LoopbackChain, free_port
 
 PY = sys.executable
@@ -30,7 +30,7 @@ def _writer(log_dir: Path, process: str, lines: int, *, max_bytes=0, backups=5,
     """A separate process logging ``lines`` records through agent.logsetup."""
     code = textwrap.dedent(f"""
         import logging
-        from agent.logsetup import LogSettings, setup_logging, task_context
+        from agent.common.logsetup import LogSettings, setup_logging, task_context
         setup_logging({process!r}, settings=LogSettings(dir={str(log_dir)!r}, format={fmt!r},
                       max_bytes={max_bytes}, backups={backups}))
         log = logging.getLogger("probe")
@@ -289,7 +289,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @given(st.text(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_parse_line_never_raises(line):
-    from agent.logview import parse_line
+    from agent.tools.logview import parse_line
     record = parse_line(line)
     assert record is None or (isinstance(record, dict) and isinstance(record["ts"], str))
 

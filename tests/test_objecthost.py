@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import TickleRefused
-from agent.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
+from agent.common.errors import TickleRefused
+from agent.common.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
 from objecthost.server import ObjectHost
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
@@ -504,7 +504,7 @@ def test_process_tickled_end_to_end(tmp_path):
 
 
 def test_process_picks_up_registration_without_restart(tmp_path):
-    from agent.config import load_config
+    from agent.common.config import load_config
 
     fake = FakeCTA(hop_key=b"")                     # key read below, once the process made it
     port = _free_port()

@@ -81,7 +81,7 @@ def test_agent_unit_hardening():
 
 
 def test_config_template_is_a_valid_config(tmp_path):
-    from agent.config import SCHEMA, load_config
+    from agent.common.config import SCHEMA, load_config
     template = ROOT / "packaging" / "agent.toml.example"
     config = load_config(template)
     assert config.state_dir == Path("/var/lib/dsagent")
@@ -104,7 +104,7 @@ def test_sdist_contents(built):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         pkg_info = tar.extractfile(f"dsagent-{VERSION}/PKG-INFO").read().decode()
     for needed in ("README.md", "setup.cfg", "pyproject.toml", "MANIFEST.in", "SECURITY.md",
-                   "docs/install.md", "agent/cli.py", "handlers/imaging/deploy.py",
+                   "docs/install.md", "agent/tools/cli.py", "handlers/imaging/deploy.py",
                    "packaging/systemd/dsagent.service", "packaging/build-package.sh",
                    "packaging/debian/postinst", "packaging/agent.toml.example"):
         assert needed in names, needed

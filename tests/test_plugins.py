@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 
-from agent import hookimpl, hookspecs
-from agent.errors import TaskRejected
-from agent.plugins import load_handlers
-from agent.testing import write_distribution
-from agent.tasks import TaskType
+from agent.plugin import hookimpl, hookspecs
+from agent.common.errors import TaskRejected
+from agent.plugin.manager import load_handlers
+from agent.plugin.testing import write_distribution
+from agent.plugin.tasks import TaskType
 
 DSAGENT = [sys.executable, "-m", "agent"]
 
@@ -49,8 +49,8 @@ def test_import_failure_is_named_and_only_that_plugin_is_missing(tmp_path):
 
 def test_duplicate_task_type_is_refused_naming_both(tmp_path):
     make_dist(tmp_path, "dupplug", """
-        from agent import hookimpl
-        from agent.tasks import TaskType
+        from agent.plugin import hookimpl
+        from agent.plugin.tasks import TaskType
 
         @hookimpl
         def dsagent_task_types(register):
@@ -102,7 +102,7 @@ def test_hooks_are_called_only_on_the_owning_plugin():
             return {"other": True}
 
     registry = load_handlers(entry_points=False, extra_plugins=[("good", Good()), ("other", Other())])
-    from agent.tasks import Task
+    from agent.common.task import Task
     assert registry.run(Task("x", "Good"), ctx=None) == {"ran": "x"}
     assert calls == []
     assert registry.timeout_for(Task("x", "Good")) == 7

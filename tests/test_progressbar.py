@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 
-from agent.progressbar import CLEAR, ProgressBar
+from agent.tools.progressbar import CLEAR, ProgressBar
 
 DSAGENT = [sys.executable, "-m", "agent"]
 

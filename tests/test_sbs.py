@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import Task, TaskContext
+from agent.common.errors import BadParameters, TaskFailed
+from agent.common.task import Task
+from agent.plugin.tasks import TaskContext
 from handlers import sbs
 from handlers.sbs import SBSError, write_sbs_file
 

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from agent.events import TransitionError
-from agent.statedb import AgentDB, Change
-from agent.tasks import Task
+from agent.common.events import TransitionError
+from agent.cta.statedb import AgentDB, Change
+from agent.common.task import Task
 from ctdataloader.outbox import Outbox
 
 

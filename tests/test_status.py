@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 
-from agent.status import _process, human_age
-from agent.statusfile import StatusFile, read_all
-from agent.tickle import exchange_line, make_tickle
+from agent.tools.status import _process, human_age
+from agent.common.statusfile import StatusFile, read_all
+from agent.common.tickle import exchange_line, make_tickle
 from taskserver.loopback import LoopbackChain
 
 PY = sys.executable

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import xmltodict
 
-from agent.config import load_config
-from agent.tickle import ReplayCache, check_tickle
+from agent.common.config import load_config
+from agent.common.tickle import ReplayCache, check_tickle
 from taskserver import TaskServer, TaskStore, TickleFailed
 from taskserver.store import InvalidRequest, RegistrationRefused
 

@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.errors import TaskDocumentError
-from agent.taskxml import MAX_DEPTH, parse_client_tasks
+from agent.common.errors import TaskDocumentError
+from agent.common.taskxml import MAX_DEPTH, parse_client_tasks
 
 ID1 = "0b8e8c5e-3f7a-4f63-9d8f-2a61c1e0e4a1"
 ID2 = "0b8e8c5e-3f7a-4f63-9d8f-2a61c1e0e4a2"

@@ -1,16 +1,16 @@
-"""The ``dsagent_run`` fixture (agent/testing.py): it comes from the pytest11
+"""The ``dsagent_run`` fixture (agent/plugin/testing.py): it comes from the pytest11
 entry point (no conftest here), runs the real dispatch and reports the events."""
 
 import uuid
 
 import pytest
 
-from agent.testing import DsagentRunError
+from agent.plugin.testing import DsagentRunError
 
 LOGGING_PLUGIN = """
-    from agent import hookimpl
-    from agent.errors import BadParameters
-    from agent.tasks import TaskType
+    from agent.plugin import hookimpl
+    from agent.common.errors import BadParameters
+    from agent.plugin.tasks import TaskType
 
     @hookimpl
     def dsagent_task_types(register):
@@ -94,9 +94,9 @@ def test_unusable_config_is_an_error_naming_the_key(dsagent_run):
 
 
 SETTINGS_PLUGIN = '''
-from agent import hookimpl
-from agent.errors import BadParameters
-from agent.tasks import TaskType
+from agent.plugin import hookimpl
+from agent.common.errors import BadParameters
+from agent.plugin.tasks import TaskType
 
 
 @hookimpl

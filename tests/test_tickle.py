@@ -1,4 +1,4 @@
-"""Tickle and wake-up frames (agent/tickle.py; PROTOCOL.md §2)."""
+"""Tickle and wake-up frames (agent/common/tickle.py; PROTOCOL.md §2)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import TickleRefused
-from agent.tickle import (MAX_LINE, MAX_SKEW_S, REPLAY_WINDOW_S, ReplayCache, check_tickle,
+from agent.common.errors import TickleRefused
+from agent.common.tickle import (MAX_LINE, MAX_SKEW_S, REPLAY_WINDOW_S, ReplayCache, check_tickle,
                           check_wake, load_hop_key, make_tickle, make_wake, sign)
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")

@@ -36,8 +36,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from xml.sax.saxutils import quoteattr
 
-from ..durable import fsync_dir
-from .cpio import CHUNK, CpioError, InitrdInfo, NewcWriter, Output, scan_initrd
+from handlers.shared.durable import fsync_dir
+from handlers.bootwiz.cpio import CHUNK, CpioError, InitrdInfo, NewcWriter, Output, scan_initrd
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHA_RE = re.compile(r"[0-9a-fA-F]{64}")

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 
-from agent import hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
-from .build import BootWizError, Request, safe_current, check_name, parse_drivers, rebuild
+from handlers.bootwiz.build import BootWizError, Request, safe_current, check_name, parse_drivers, rebuild
 
 TASK_TYPE = "BootWizRebuild"
 DEFAULT_TIMEOUT_S = 1800

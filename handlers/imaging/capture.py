@@ -30,10 +30,10 @@ import zstandard
 
 from agent import __version__
 
-from .progress import Progress
-from .source import Plan, check_disk_path, in_use, plan_source
-from ..durable import fsync_dir, write_atomic
-from .store import FORMAT, Chunk, ImageError, ImageStore, IndexWriter
+from agent.plugin.progress import Progress
+from handlers.imaging.source import Plan, check_disk_path, in_use, plan_source
+from handlers.shared.durable import fsync_dir, write_atomic
+from handlers.imaging.store import FORMAT, Chunk, ImageError, ImageStore, IndexWriter
 
 FRAME_BYTES = 4 * 1024 * 1024     # raw bytes per compressed frame
 IN_FLIGHT = 4                     # frames being compressed at once (bounds memory)

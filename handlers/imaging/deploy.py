@@ -26,9 +26,9 @@ from typing import Callable, Iterator
 
 import zstandard
 
-from .progress import Progress
-from .source import check_disk_path, disk_size, in_use
-from .store import Chunk, ImageError, ImageStore
+from agent.plugin.progress import Progress
+from handlers.imaging.source import check_disk_path, disk_size, in_use
+from handlers.imaging.store import Chunk, ImageError, ImageStore
 
 THREADS = 2
 IN_FLIGHT = 4

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 
-from agent import hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
-from .store import ImageError, ImageStore, check_name
+from handlers.imaging.store import ImageError, ImageStore, check_name
 
 DEFAULT_TIMEOUT_S = 6 * 3600
 CREATE = {"CreateImage": "capture", "CreateBackupImage": "backup"}
@@ -58,8 +56,8 @@ def dsagent_validate_task(task, config):
 
 @hookimpl
 def dsagent_run_task(task, ctx):
-    from .capture import capture
-    from .deploy import deploy
+    from handlers.imaging.capture import capture
+    from handlers.imaging.deploy import deploy
 
     store = ImageStore(ctx.config["image_store"])
     params = task.parameters

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ext4
-from .store import ImageError
+from handlers.imaging import ext4
+from handlers.imaging.store import ImageError
 
 log = logging.getLogger("dsagent.imaging")
 

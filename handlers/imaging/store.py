@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..durable import write_atomic
+from handlers.shared.durable import write_atomic
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 VERSION_RE = re.compile(r"[0-9]{8}T[0-9]{12}Z-[0-9a-f]{4}")  # what new_version makes

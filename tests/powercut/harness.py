@@ -19,11 +19,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.events import TERMINAL
-from agent.statedb import AgentDB, connect
+from agent.common.events import TERMINAL
+from agent.cta.statedb import AgentDB, connect
 from ctdataloader.outbox import Outbox
 
-from .crashsim import HOW, MARK, Disk, Op, read_log
+from tests.powercut.crashsim import HOW, MARK, Disk, Op, read_log
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

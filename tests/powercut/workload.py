@@ -23,9 +23,9 @@ import json
 import os
 import random
 
-from agent.events import TERMINAL
-from agent.statedb import AgentDB, Change
-from agent.tasks import Task
+from agent.common.events import TERMINAL
+from agent.cta.statedb import AgentDB, Change
+from agent.common.task import Task
 from ctdataloader.outbox import Outbox
 
 NEXT = {"received": ("running", "running", "running", "failed"),

@@ -11,9 +11,7 @@ import os
 import signal
 import threading
 
-from agent import hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
 _cancelled: dict[str, threading.Event] = {}
 

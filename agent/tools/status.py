@@ -20,8 +20,8 @@ from typing import Any
 
 import psutil
 
-from .statedb import db_path
-from .statusfile import read_all
+from agent.cta.statedb import db_path
+from agent.common.statusfile import read_all
 
 PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
 NOT_RUNNING = 3

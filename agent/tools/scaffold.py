@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import DsagentError
-from .taskxml import TYPE_RE
+from agent.common.errors import DsagentError
+from agent.common.taskxml import TYPE_RE
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RESERVED = {"tests"}  # the package's own test folder
@@ -51,7 +51,7 @@ def check_not_installed(name: str) -> None:
 
 def check_task_type(task_type: str) -> None:
     """Refuse a malformed task type, or one an installed plugin already serves."""
-    from .plugins import load_handlers
+    from agent.plugin.manager import load_handlers
 
     if not TYPE_RE.fullmatch(task_type):
         raise ScaffoldError(f"task type {task_type!r} is not valid: a letter, then up to 127 "
@@ -149,9 +149,7 @@ Details of a succeeded task: ``processed`` (the items, in order) and ``count``.
 Replace the body of dsagent_run_task with the real work.
 """
 
-from agent import hookimpl
-from agent.errors import BadParameters, TaskFailed
-from agent.tasks import TaskType
+from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
 
 TASK_TYPE = "$task_type"
 PARAMETERS = {"items", "fail_on"}

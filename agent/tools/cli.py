@@ -5,21 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_CONFIG_PATH, parse_hostport
-from .errors import ConfigError
+from agent.common.config import DEFAULT_CONFIG_PATH, parse_hostport
+from agent.common.errors import ConfigError
 
 
 def _cmd_run(args) -> int:
-    from .logsetup import setup_logging
-    from .supervisor import run
+    from agent.common.logsetup import setup_logging
+    from agent.supervisor import run
 
     setup_logging("dsagent")
     return run(args.config)
 
 
 def _cmd_run_task(args) -> int:
-    from .localrun import run_tasks
-    from .logsetup import setup_logging
+    from agent.tools.localrun import run_tasks
+    from agent.common.logsetup import setup_logging
 
     import os
 
@@ -29,8 +29,8 @@ def _cmd_run_task(args) -> int:
 
 
 def _cmd_handlers(args) -> int:
-    from .logsetup import setup_logging
-    from .plugins import load_handlers
+    from agent.common.logsetup import setup_logging
+    from agent.plugin.manager import load_handlers
 
     setup_logging("dsagent", level="WARNING")
     registry = load_handlers()
@@ -48,7 +48,7 @@ def _cmd_handlers(args) -> int:
 
 
 def _cmd_tickle(args) -> int:
-    from .tickle import send_tickle
+    from agent.common.tickle import send_tickle
 
     try:
         host, port = parse_hostport(args.address, "address")
@@ -66,7 +66,7 @@ def _cmd_tickle(args) -> int:
 
 
 def _load_config_or_exit(path: str, command: str):
-    from .config import load_config
+    from agent.common.config import load_config
 
     try:
         return load_config(path)
@@ -78,8 +78,8 @@ def _load_config_or_exit(path: str, command: str):
 def _cmd_logs(args) -> int:
     from pathlib import Path
 
-    from .logsetup import log_dir
-    from .logview import parse_since, show
+    from agent.common.logsetup import log_dir
+    from agent.tools.logview import parse_since, show
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -92,13 +92,13 @@ def _cmd_logs(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .status import show
+    from agent.tools.status import show
 
     return show(_load_config_or_exit(args.config, "status").state_dir, args.json)
 
 
 def _cmd_new_handler(args) -> int:
-    from .scaffold import ScaffoldError, new_handler
+    from agent.tools.scaffold import ScaffoldError, new_handler
 
     try:
         path = new_handler(args.name, args.dir, args.task_type)
@@ -110,16 +110,16 @@ def _cmd_new_handler(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from .doctor import doctor
-    from .logsetup import setup_logging
+    from agent.tools.doctor import doctor
+    from agent.common.logsetup import setup_logging
 
     setup_logging("doctor", level="ERROR")  # findings say it all; no log lines among them
     return doctor(args.config, args.json)
 
 
 def _cmd_enroll(args) -> int:
-    from .enroll import enroll
-    from .logsetup import setup_logging
+    from agent.tools.enroll import enroll
+    from agent.common.logsetup import setup_logging
 
     setup_logging("enroll", level="ERROR")
     return enroll(args.server, args.key, args.config, state_dir=args.state_dir, name=args.name,
@@ -127,7 +127,7 @@ def _cmd_enroll(args) -> int:
 
 
 def _cmd_trace(args) -> int:
-    from .trace import load_trace_key, watch
+    from agent.tools.trace import load_trace_key, watch
 
     config = None if (args.address and args.key) else _load_config_or_exit(args.config, "trace")
     try:

@@ -21,8 +21,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from . import __version__
-from .errors import AuthError, ServerError
+from agent import __version__
+from agent.common.errors import AuthError, ServerError
 
 log = logging.getLogger("dsagent.server")
 

@@ -32,9 +32,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .logview import LogFollower, format_record, matches
-from .serverapi import is_loopback_host
-from .tickle import read_line, sign
+from agent.tools.logview import LogFollower, format_record, matches
+from agent.common.serverapi import is_loopback_host
+from agent.common.tickle import read_line, sign
 
 log = logging.getLogger("dsagent.trace")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from agent.common.errors import ConfigError
 
 REQUIRED = object()
 DEFAULT_CONFIG_PATH = "/etc/dsagent/agent.toml"   # where the Debian package puts it

@@ -29,19 +29,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .config import Config, load_config, parse_hostport
-from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
-from .events import TERMINAL
-from .logsetup import setup_logging, task_context
-from .statusfile import StatusFile
-from .notify import SERVER_BACK, Notifier
-from .runner import execute
-from .serverapi import ServerAPI, is_loopback_host
-from .statedb import AgentDB, Change, db_path
-from .taskxml import MAX_DOCUMENT_BYTES, parse_client_tasks
-from .tasks import Task
-from .tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
-from .workerpool import WorkerPool
+from agent.common.config import Config, load_config, parse_hostport
+from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
+from agent.common.events import TERMINAL
+from agent.common.logsetup import setup_logging, task_context
+from agent.common.statusfile import StatusFile
+from agent.common.notify import SERVER_BACK, Notifier
+from agent.cta.runner import execute
+from agent.common.serverapi import ServerAPI, is_loopback_host
+from agent.cta.statedb import AgentDB, Change, db_path
+from agent.common.taskxml import MAX_DOCUMENT_BYTES, parse_client_tasks
+from agent.common.task import Task
+from agent.common.tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
+from agent.cta.workerpool import WorkerPool
 
 log = logging.getLogger("dsagent.cta")
 

@@ -31,10 +31,10 @@ import tomllib
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from .config import SCHEMA, check_config, load_config, render_config, write_private
-from .errors import ConfigError, ServerError
-from .progressbar import ProgressBar
-from .serverapi import ServerAPI, failure_kind, is_loopback_host
+from agent.common.config import SCHEMA, check_config, load_config, render_config, write_private
+from agent.common.errors import ConfigError, ServerError
+from agent.tools.progressbar import ProgressBar
+from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
 
 DEFAULT_STATE_DIR = "/var/lib/dsagent"
 REGISTER_TIMEOUT_S = 15.0

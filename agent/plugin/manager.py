@@ -21,9 +21,10 @@ from typing import Any, Iterable
 
 import pluggy
 
-from . import hookspecs
-from .errors import TaskRejected
-from .tasks import Task, TaskContext, TaskType
+from agent.plugin import hookspecs
+from agent.common.errors import TaskRejected
+from agent.common.task import Task
+from agent.plugin.tasks import TaskContext, TaskType
 
 log = logging.getLogger("dsagent.plugins")
 

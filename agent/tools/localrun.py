@@ -12,15 +12,15 @@ import json
 import sys
 from typing import Any, TextIO
 
-from .config import check_config, load_config
-from .errors import DsagentError, TaskDocumentError
-from .events import make_event
-from .progressbar import ProgressBar
-from .reaper import become_subreaper, kill_adopted
-from .runner import execute
-from .taskxml import parse_client_tasks
-from .tasks import Task
-from .workerpool import WorkerPool
+from agent.common.config import check_config, load_config
+from agent.common.errors import DsagentError, TaskDocumentError
+from agent.common.events import make_event
+from agent.tools.progressbar import ProgressBar
+from agent.common.reaper import become_subreaper, kill_adopted
+from agent.cta.runner import execute
+from agent.common.taskxml import parse_client_tasks
+from agent.common.task import Task
+from agent.cta.workerpool import WorkerPool
 
 
 class PrintRecorder:

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .tasks import Task, TaskContext, TaskType
+    from agent.common.task import Task
+    from agent.plugin.checks import DoctorCheck
+    from agent.plugin.tasks import TaskContext, TaskType
 
 PROJECT = "dsagent"
 ENTRY_POINT_GROUP = "dsagent.handlers"
@@ -31,9 +33,11 @@ def dsagent_task_types(register: Callable[["TaskType"], None]) -> None:
     """Declare the task types this plugin serves.
 
     Called once when the plugin manager is built. Call ``register(TaskType(
-    name=..., default_timeout=..., description=...))`` for each type. A type
-    registered by two plugins is refused, and the error names both.
-    Returns nothing.
+    name=..., default_timeout=..., description=..., parameters=(Param(...),
+    ...)))`` for each type. With ``parameters`` declared, the core refuses
+    unknown, missing or malformed parameters before ``dsagent_validate_task``
+    is called. A type registered by two plugins is refused, and the error
+    names both. Returns nothing.
     """
 
 
@@ -42,7 +46,9 @@ def dsagent_validate_task(task: "Task", config: dict[str, Any]) -> None:
     """Check a task's parameters before it runs.
 
     Called once per task, before the ``running`` state, with the [handlers]
-    config section. Raise :class:`agent.errors.BadParameters` with a message
+    config section, after the core checked the declared ``parameters``:
+    check here only what a ``Param`` cannot say (a folder that must exist,
+    a combination of values). Raise :class:`agent.errors.BadParameters` with a message
     naming the parameter to refuse it (the task goes received -> failed).
     Returns nothing.
     """
@@ -70,5 +76,18 @@ def dsagent_cancel_task(task: "Task") -> None:
     after ``ctx.cancelled()`` turns True, which a handler may poll instead).
     Make ``dsagent_run_task`` return or raise soon. If it has not stopped after a
     short grace period, the worker and its whole process tree are killed.
+    Returns nothing.
+    """
+
+
+@hookspec
+def dsagent_doctor_checks(register: Callable[["DoctorCheck"], None]) -> None:
+    """Add checks to ``dsagent doctor`` (optional).
+
+    Called once per ``dsagent doctor`` run, after the plugin manager is
+    built. Call ``register(DoctorCheck(name=..., run=...))`` for each check;
+    ``run(config)`` gets the [handlers] config section and returns a
+    :class:`agent.plugin.CheckResult`. A check name registered twice, or a
+    check that raises, is reported as a failed check naming the plugin.
     Returns nothing.
     """

@@ -15,13 +15,14 @@ Outcomes, as §3 says:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from xml.parsers import expat as _expat
 
 import xmltodict
 
-from .errors import TaskDocumentError
-from .tasks import Task
+from agent.common.errors import TaskDocumentError
+from agent.common.task import Task
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 MAX_DEPTH = 6            # ClientTasks/Task/Parameters/Parameter + slack
@@ -194,3 +195,41 @@ def _parse_parameters(blocks: list) -> dict[str, str]:
             raise _Refuse(f"parameter '{name}' is given twice")
         params[name] = item.get("#text") or ""
     return params
+
+_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord('"'): "&quot;",
+                 ord("'"): "&apos;", ord("\r"): "&#13;"}
+_ATTR_ESCAPES = {**_TEXT_ESCAPES, ord("\n"): "&#10;", ord("\t"): "&#9;"}
+
+
+def xml_text(value: str) -> str:
+    """Escape character data so an XML parser gives back exactly ``value``.
+
+    ``\\r`` becomes ``&#13;``: a literal CR would be normalised to LF.
+    """
+    return value.translate(_TEXT_ESCAPES)
+
+
+def xml_attr(value: str) -> str:
+    """Escape an attribute value (also tab and newline, which parsers turn into spaces)."""
+    return value.translate(_ATTR_ESCAPES)
+
+
+def render_client_tasks(client_id: str, tasks: Iterable[dict]) -> bytes:
+    """The §3 ``<ClientTasks>`` document (UTF-8) for rows of ``task_id``,
+    ``type``, ``timeout`` (or None) and ``params`` (the task server's pending tasks).
+
+    Compact, with no whitespace between elements, so a parser that keeps
+    whitespace (xmltodict ``strip_whitespace=False``) sees only parameter text.
+    """
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n',
+           f'<ClientTasks client="{xml_attr(client_id)}">']
+    for task in tasks:
+        out.append(f'<Task id="{xml_attr(task["task_id"])}" type="{xml_attr(task["type"])}"')
+        if task.get("timeout") is not None:
+            out.append(f' timeout="{int(task["timeout"])}"')
+        out.append("><Parameters>")
+        for name, value in task["params"].items():
+            out.append(f'<Parameter name="{xml_attr(name)}">{xml_text(value)}</Parameter>')
+        out.append("</Parameters></Task>")
+    out.append("</ClientTasks>\n")
+    return "".join(out).encode("utf-8")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.logview import format_record, read_records
+from agent.tools.logview import format_record, read_records
 from taskserver.cli import format_history
 from taskserver.loopback import LoopbackChain
 

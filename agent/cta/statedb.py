@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import TERMINAL, TransitionError, check_transition, make_event
-from .tasks import Task
+from agent.common.events import TERMINAL, TransitionError, check_transition, make_event
+from agent.common.task import Task
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (

@@ -26,14 +26,14 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from .config import Config, _check_mode, load_config, parse_hostport
-from .errors import ConfigError, DsagentError, ServerError, TaskDocumentError
-from .progressbar import ProgressBar
-from .serverapi import ServerAPI, failure_kind, is_loopback_host
-from .status import format_peer, human_age, read_state_db
-from .statusfile import read_all
-from .supervisor import CHILDREN
-from .taskxml import parse_client_tasks
+from agent.common.config import Config, _check_mode, load_config, parse_hostport
+from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError
+from agent.tools.progressbar import ProgressBar
+from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
+from agent.tools.status import format_peer, human_age, read_state_db
+from agent.common.statusfile import read_all
+from agent.supervisor import CHILDREN
+from agent.common.taskxml import parse_client_tasks
 
 SKEW_FAIL_S = 300          # PROTOCOL.md §2: a tickle more than 300 s off is refused (stale)
 SKEW_WARN_S = 60
@@ -431,7 +431,7 @@ class Doctor:
         plugin would run without its settings)."""
         import logging
 
-        from .plugins import load_handlers
+        from agent.plugin.manager import load_handlers
 
         name = "handlers"
         quiet = logging.getLogger("dsagent.plugins")

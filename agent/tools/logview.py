@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import ConfigError
-from .logsetup import utc_timestamp
+from agent.common.errors import ConfigError
+from agent.common.logsetup import utc_timestamp
 
 Record = dict[str, Any]
 _ROTATED = re.compile(r"^(?P<base>[A-Za-z0-9_.-]+\.log)(?:\.(?P<n>[0-9]{1,3}))?$")

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from .errors import TickleRefused
+from agent.common.errors import TickleRefused
 
 MAX_LINE = 512          # bytes, including the trailing \n
 MAX_SKEW_S = 300        # a tickle older/newer than this is `stale`

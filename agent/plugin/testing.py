@@ -31,8 +31,8 @@ from typing import Any
 import psutil
 import pytest
 
-from .config import render_config
-from .events import TERMINAL
+from agent.common.config import render_config
+from agent.common.events import TERMINAL
 
 DEFAULT_WAIT_S = 600.0
 WAIT_MARGIN_S = 60.0
@@ -117,10 +117,10 @@ class DsagentRunner:
         [handlers] config section (e.g. tmp dirs); ``wait_s`` bounds the whole
         run (default: timeout + 60 s, else 600 s).
         """
-        from taskserver.app import render_tasks  # lazy: pytest loads this plugin in every run
+        from agent.common.taskxml import render_client_tasks  # lazy: pytest loads this plugin in every run
 
         task_id = task_id or str(uuid.uuid4())
-        document = render_tasks("local", [{"task_id": task_id, "type": task_type,
+        document = render_client_tasks("local", [{"task_id": task_id, "type": task_type,
                                            "timeout": timeout, "params": parameters or {}}])
         if wait_s is None and timeout is not None:
             wait_s = timeout + WAIT_MARGIN_S

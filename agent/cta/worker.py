@@ -95,8 +95,8 @@ def _take_protocol_fds() -> Channel:
 
 class Worker:
     def __init__(self, channel: Channel):
-        from .logsetup import task_context
-        from .plugins import load_handlers
+        from agent.common.logsetup import task_context
+        from agent.plugin.manager import load_handlers
 
         self.channel = channel
         self.registry = load_handlers()
@@ -130,8 +130,9 @@ class Worker:
                 self.handle(command)
 
     def handle(self, command: dict[str, Any]) -> None:
-        from .errors import DsagentError, TaskFailed
-        from .tasks import Task, TaskContext
+        from agent.common.errors import DsagentError, TaskFailed
+        from agent.common.task import Task
+        from agent.plugin.tasks import TaskContext
 
         task = Task.from_json(command["task"])
         config = command.get("config") or {}
@@ -213,7 +214,7 @@ def _limit_memory(megabytes) -> None:
 def main() -> None:
     _die_with_parent()
     channel = _take_protocol_fds()
-    from .logsetup import setup_logging
+    from agent.common.logsetup import setup_logging
 
     setup_logging("worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the CTA decides when we stop

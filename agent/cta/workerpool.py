@@ -33,7 +33,7 @@ class WorkerProcess:
 
     def __init__(self):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "agent.cta.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, start_new_session=True, bufsize=0,
             env=dict(os.environ, DSAGENT_WORKER_PARENT=str(os.getpid())))
         self.pid = self.proc.pid

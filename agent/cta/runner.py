@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import time
 from typing import Any, Protocol
 
-from .logsetup import task_context
-from .tasks import Task
-from .workerpool import WorkerDied, WorkerPool
+from agent.common.logsetup import task_context
+from agent.common.task import Task
+from agent.cta.workerpool import WorkerDied, WorkerPool
 
 log = logging.getLogger("dsagent.runner")
 

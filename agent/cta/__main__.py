@@ -1,0 +1,3 @@
+from agent.cta.service import main
+
+raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Checks a plugin adds to ``dsagent doctor`` (hook ``dsagent_doctor_checks``).
+
+A handler knows its own classic failures (an SBS folder nobody empties,
+driver packages not replicated yet, a full image store); it registers a
+``DoctorCheck`` and the doctor runs it after its own checks, with the
+[handlers] config section, and prints its ``CheckResult`` like any other.
+A check only reads (or probes and cleans up after itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+CHECK_STATUSES = ("ok", "warn", "fail", "skip")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """``status``: ok, warn, fail or skip (not configured here); ``finding``:
+    one line naming the file, folder or package; ``action``: what to do."""
+
+    status: str
+    finding: str
+    action: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in CHECK_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(CHECK_STATUSES)}, "
+                             f"got {self.status!r}")
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """``name`` is what the doctor's table shows (unique across plugins);
+    ``run(config)`` gets the [handlers] section and returns a CheckResult."""
+
+    name: str
+    run: Callable[[dict[str, Any]], CheckResult]
+    description: str = ""
