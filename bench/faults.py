@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.common.events import TERMINAL
+from ctdataloader.outbox import summary as outbox_summary
 from taskserver.app import tickle_client
 from taskserver.loopback import LoopbackChain, wait_port
 
@@ -93,19 +94,11 @@ def agent_db(chain: LoopbackChain) -> sqlite3.Connection:
     return conn
 
 
-def outbox_count(chain: LoopbackChain) -> int:
-    conn = agent_db(chain)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-    finally:
-        conn.close()
-
-
 def wait_outbox_empty(chain: LoopbackChain, timeout: float) -> int:
     """Wait until the uploader emptied the outbox; return what is left."""
     deadline = time.monotonic() + timeout
     while True:
-        left = outbox_count(chain)
+        left = outbox_summary(chain.workdir / "state").waiting
         if left == 0 or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
@@ -458,7 +451,7 @@ def server_outage(workdir: Path, mode: str = "503", n_tasks: int = 100,
         result.start_db_bytes = db_bytes(chain)
         conn = agent_db(chain)
         result.start_logical_bytes = _logical_bytes(conn)
-        outbox_before = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        outbox_before = outbox_summary(chain.workdir / "state").waiting
         # ---- outage ----
         t_out = time.monotonic()
         if mode == "stop":
@@ -472,13 +465,12 @@ def server_outage(workdir: Path, mode: str = "503", n_tasks: int = 100,
                 ids += [chain.queue("RunScript", {"script": script}) for _ in range(n_late)]
                 n_late = 0
                 tickle(chain)
-            depth, avg_body = conn.execute(
-                "SELECT COUNT(*), AVG(LENGTH(body)) FROM outbox").fetchone()
-            if depth >= result.peak_outbox:
-                result.peak_outbox = depth
+            box = outbox_summary(chain.workdir / "state")
+            if box.waiting >= result.peak_outbox:
+                result.peak_outbox = box.waiting
                 result.peak_db_bytes = db_bytes(chain)
                 result.peak_logical_bytes = _logical_bytes(conn)
-                bodies.append(avg_body or 0.0)
+                bodies.append(box.body_bytes / box.waiting if box.waiting else 0.0)
             time.sleep(0.25)
         with sqlite3.connect(f"file:{chain.workdir / 'state' / 'dsagent.db'}?mode=ro",
                              uri=True) as agent:

@@ -12,9 +12,11 @@ from typing import Callable
 
 import httpx
 
-from agent.cta.statedb import connect
+from agent.common.statedb import write_transaction
 from agent.common.taskxml import parse_client_tasks
 from agent.common.taskxml import render_client_tasks
+from agent.cta.taskdb import open_db
+from ctdataloader import outbox
 from taskserver.app import TaskServer
 from taskserver.store import TaskStore
 
@@ -102,20 +104,18 @@ def http_get(workdir: Path, n: int) -> tuple[list[float], list[float]]:
 
 def sqlite_commit(workdir: Path, n: int) -> list[float]:
     """One outbox-sized row per transaction, WAL + synchronous=FULL (the agent's settings)."""
-    conn = connect(workdir / "micro-state.db")
+    conn = open_db(workdir / "micro-state.db")
     try:
         def once() -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO outbox(event_id, task_id, body, created_at) VALUES (?,?,?,?)",
-                         (str(uuid.uuid4()), "t", "x" * 300, time.time()))
-            conn.execute("COMMIT")
+            with write_transaction(conn):
+                outbox.append(conn, str(uuid.uuid4()), "t", "x" * 300, time.time())
         return _timeit(once, n)
     finally:
         conn.close()
 
 
 def xml_parse(n: int, tasks: int = 50) -> tuple[list[float], int]:
-    """agent.taskxml.parse_client_tasks on a ``tasks``-task document from the reference server."""
+    """agent.common.taskxml.parse_client_tasks on a ``tasks``-task document from the reference server."""
     rows = [{"task_id": str(uuid.uuid4()), "type": "RunScript", "timeout": 600,
              "params": {"script": f"echo task {i} && true", "interpreter": "/bin/sh"}}
             for i in range(tasks)]

@@ -3,7 +3,7 @@
 
 The agent's state-DB writes run under the iolog shim; crash states keep only
 what was fsync'd plus any subset of the rest, torn at 512-byte sectors
-(tests/powercut/crashsim.py); each state is opened with agent.statedb and
+(tests/powercut/crashsim.py); each state is opened with agent.cta.taskdb and
 checked against what the workload was acknowledged. One row per synchronous
 setting of the CTA's connection: FULL as shipped, NORMAL and OFF (OFF also on
 the ctdataloader's, which ships NORMAL), and FULL with every fsync dropped by

@@ -105,7 +105,7 @@ def warm_up(chain: LoopbackChain, level: int) -> None:
     """Leave ``level`` live, warm workers in the CTA's pool.
 
     Workers the CTA prestarts die (SIGKILL) as soon as its prestart thread
-    ends: agent/worker.py asks for PR_SET_PDEATHSIG, which Linux sends when
+    ends: agent/cta/worker.py asks for PR_SET_PDEATHSIG, which Linux sends when
     the *thread* that forked the child exits. So wait for that, then run two
     rounds of tasks: the second finds workers forked by the CTA's long-lived
     task threads.

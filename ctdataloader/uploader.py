@@ -9,7 +9,6 @@ sees a trickle of retries, not a storm.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import signal
@@ -18,12 +17,12 @@ import sys
 import threading
 import time
 
-from agent.common.config import Config, load_config
+from agent.common.config import Config
 from agent.common.errors import AuthError, DsagentError, ServerError
-from agent.common.logsetup import setup_logging
+from agent.common.process import start
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier, NotifyListener
-from agent.cta.statedb import db_path
+from agent.common.statedb import db_path
 
 from ctdataloader.outbox import Outbox
 
@@ -110,7 +109,7 @@ class Uploader:
         return removed
 
     def run(self) -> None:
-        log.info("ctdataloader started; %d event(s) waiting", self.outbox.depth()[0])
+        log.info("ctdataloader started; %d event(s) waiting", self.outbox.depth().waiting)
         while not self.stop.is_set():
             try:
                 if self.upload_once() == BATCH:
@@ -119,17 +118,17 @@ class Uploader:
             except (ServerError, OSError, sqlite3.Error) as exc:
                 self.backoff = min(max(self.backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
                 delay = random.uniform(self.backoff / 2, self.backoff)
-                depth, age = self.outbox.depth()
+                depth = self.outbox.depth()
                 what = ("token refused" if isinstance(exc, AuthError) else
                         "cannot update the outbox (uploaded events will be sent again)"
                         if isinstance(exc, sqlite3.Error) else "upload failed")
                 log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
-                          what, exc, depth, age or 0, delay)
+                          what, exc, depth.waiting, depth.oldest_s or 0, delay)
                 self.status.update(last_upload_error={"at": time.time(),
                                                       "message": f"{what}: {exc}"})
                 self._back_off(delay)
                 continue
-            if self.outbox.depth()[0] > self.outbox.depth_of(set(self.held)):
+            if self.outbox.depth().waiting > self.outbox.depth_of(set(self.held)):
                 continue
             self.listener.wait(SAFETY_NET_S)
         if self.backoff == 0.0:  # server reachable: send what the CTA's shutdown recorded
@@ -148,14 +147,8 @@ class Uploader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ctdataloader")
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-    setup_logging("ctdataloader")
     try:
-        config = load_config(args.config)
-        setup_logging("ctdataloader", config=config)
-        uploader = Uploader(config)
+        uploader = Uploader(start("ctdataloader", argv))
     except (DsagentError, OSError) as exc:
         log.error("%s", exc)
         return 2

@@ -1,4 +1,4 @@
-"""Fuzz the config check: TOML (tomllib) then agent.config.check_config (§6).
+"""Fuzz the config check: TOML (tomllib) then agent.common.config.check_config (§6).
 
     python fuzz/fuzz_config.py fuzz/corpus/config -max_total_time=600
 

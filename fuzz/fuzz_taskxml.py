@@ -1,4 +1,4 @@
-"""Fuzz agent.taskxml.parse_client_tasks (PROTOCOL.md §3 task documents).
+"""Fuzz agent.common.taskxml.parse_client_tasks (PROTOCOL.md §3 task documents).
 
     python fuzz/fuzz_taskxml.py fuzz/corpus/taskxml -max_total_time=600
 

@@ -1,4 +1,4 @@
-"""Fuzz agent.tickle.check_tickle and check_wake (PROTOCOL.md §2, the CTA hop).
+"""Fuzz agent.common.tickle.check_tickle and check_wake (PROTOCOL.md §2, the CTA hop).
 
     python fuzz/fuzz_tickle.py fuzz/corpus/tickle -max_total_time=600
 

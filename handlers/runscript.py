@@ -3,7 +3,7 @@
 Parameters: ``script`` (the text, required), ``interpreter`` (absolute path,
 default /bin/sh). The script runs in its own process group, and whatever it leaves running in
 that group is killed when it exits (processes that escape the group are
-killed by the agent's subreaper, see agent/reaper.py); ``exit_code`` and
+killed by the agent's subreaper, see agent/common/reaper.py); ``exit_code`` and
 the last 4 KiB of stdout and stderr go into details; a non-zero exit fails the
 task. ``[handlers] run_script = false`` disables it on a machine.
 """
@@ -19,11 +19,14 @@ import subprocess
 import tempfile
 import time
 
-from agent import __version__
-from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
+from agent import __version__  # noqa: F401 - the plugin's version when registered directly (tests)
+from agent.plugin import BadParameters, Param, TaskFailed, TaskType, hookimpl
 
 TAIL_BYTES = 4096
-PARAMETERS = {"script", "interpreter"}
+PARAMETERS = (
+    Param("script", required=True, description="the script's text"),
+    Param("interpreter", type="path", description="the program that runs it (default /bin/sh)"),
+)
 
 TMP_PREFIX = "dsagent-runscript-"
 DRAIN_S = 1.0  # output read after the script exits, at most
@@ -47,24 +50,17 @@ _sweep_stale_tmpdirs()
 
 @hookimpl
 def dsagent_task_types(register):
-    register(TaskType("RunScript", default_timeout=3600,
-                      description="run a script (script, interpreter=/bin/sh)"))
+    register(TaskType("RunScript", default_timeout=3600, description="run a script",
+                      parameters=PARAMETERS))
 
 
 @hookimpl
 def dsagent_validate_task(task, config):
     if config.get("run_script") is False:
         raise BadParameters("RunScript is disabled on this machine ([handlers] run_script = false)")
-    unknown = sorted(set(task.parameters) - PARAMETERS)
-    if unknown:
-        raise BadParameters(f"unknown parameter '{unknown[0]}' (RunScript takes script, interpreter)")
-    if not task.parameters.get("script", "").strip():
-        raise BadParameters("parameter 'script' is missing or empty")
     if "\0" in task.parameters["script"]:
         raise BadParameters("parameter 'script' contains a NUL byte")
     interpreter = task.parameters.get("interpreter", "/bin/sh")
-    if not os.path.isabs(interpreter) or "\0" in interpreter:
-        raise BadParameters(f"parameter 'interpreter' must be an absolute path, got {interpreter!r}")
     if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
         raise BadParameters(f"interpreter {interpreter} is not an executable file on this machine")
 
@@ -158,6 +154,3 @@ def dsagent_cancel_task(task):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-__all__ = ["__version__"]

@@ -1,8 +1,10 @@
 """The objecthost process: accepts tickles (PROTOCOL.md §2), wakes the CTA.
 
-Run it as ``python -m objecthost --config FILE``; the code is in
-:mod:`objecthost.server` (standard library only). What it does where §2 leaves
-room:
+Run it as ``python -m objecthost --config FILE`` (standard library and
+``agent.common`` only): :mod:`objecthost.server` is the process and the
+wake-up hop, :mod:`objecthost.connections` the sockets,
+:mod:`objecthost.frames` what a line is answered. What it does where §2
+leaves room:
 
 - A connection carries one line and gets one answer line, then the objecthost
   closes it. Bytes after the first ``\\n`` are ignored (and drained, so the
@@ -23,10 +25,11 @@ room:
   the CTA (``[cta] listen``; ``0.0.0.0``/``::`` mean the loopback). While one
   is in flight, further tickles fold into exactly one more. A CTA that is
   down is logged as a warning; it polls anyway.
-- Over ``max_connections`` (1024) open connections, new ones are closed at
-  once. Refused tickles are logged at most 10 a second, then counted in one
-  summary line. There is no per-peer state, so memory stays flat under
-  floods.
+- Over ``max_connections`` (1024) connections waiting for their line, the
+  oldest one is reset to make room (a line sent at once is always
+  answered). Refused tickles are logged at most 10 a second, then counted
+  in one summary line. There is no per-peer state, so memory stays flat
+  under floods.
 - Exit status: 0 after SIGTERM/SIGINT (a second signal drops open
   connections at once), 2 for a config error (one line naming the key and
   the file), 1 when it cannot start (port in use, unreadable hop key).

@@ -1,10 +1,13 @@
 """Fixtures shared by test files: the reference task server on loopback; the
-built package and a throwaway root to install it in (tests/packaged.py)."""
+built package and a throwaway root to install it in (tests/packaged.py); and
+the one way to wait for a condition (``from conftest import wait_until``)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,38 @@ from packaged import Root, build
 from taskserver import TaskServer, TaskStore
 
 ENROLL_KEY = "let-me-in"
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.02):
+    """Call ``condition`` until it returns something true, and return that.
+
+    An exception from it counts as "not yet" (an ``assert`` in it can say
+    what was seen); past ``timeout`` s the test fails naming ``what`` and the
+    last value or exception. ``pytest.fail()`` in it stops at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        error = None
+        try:
+            value = condition()
+        except Exception as exc:
+            value, error = None, exc
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            last = f"{type(error).__name__}: {error}" if error else f"{value!r}"[:2000]
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; "
+                                 f"last seen: {last}") from error
+        time.sleep(interval)
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (a condition)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture

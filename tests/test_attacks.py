@@ -37,6 +37,7 @@ from agent.common.errors import ServerError
 from agent.common.events import TERMINAL
 from agent.common.serverapi import ServerAPI
 from agent.common.tickle import exchange_line, make_tickle, make_wake, send_tickle
+from conftest import wait_until
 from taskserver.loopback import LoopbackChain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,17 +50,6 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="the agent targets PO
 # ---------------------------------------------------------------------------
 # a scripted task-server peer
 # ---------------------------------------------------------------------------
-
-def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(step)
-
 
 def task_xml(task_id: str, type_: str = "RunScript", params: dict | None = None,
              attrs: str = "") -> str:
@@ -603,8 +593,10 @@ def test_bad_tls_certificate_is_refused_and_logged_nothing_lost(tmp_path, peers,
                          "CERTIFICATE_VERIFY_FAILED")
     lines = [line for line in log.splitlines() if "CERTIFICATE_VERIFY_FAILED" in line]
     assert any(" cta[" in line for line in lines) and any(" ctdataloader[" in line for line in lines)
+    refused = tls_peer.tls_failures
     assert agent.tickle() == "OK"      # another pull, refused the same way
-    time.sleep(1.0)
+    wait_until(lambda: tls_peer.tls_failures > refused
+               and tls_peer.tls_failures == tls_peer.handshakes, 10, "another refused handshake")
     assert tls_peer.handshakes >= 2 and tls_peer.tls_failures == tls_peer.handshakes
     assert tls_peer.gets == tls_peer.posts == 0, "a request went through an unverified connection"
     assert agent.outbox(task_id) == ["received", "running", "succeeded"]
@@ -647,7 +639,7 @@ def test_cta_port_is_loopback_only_and_refuses_forged_garbage_and_replayed_wakes
                     with pytest.raises(OSError):
                         socket.create_connection((addr.address, chain.cta_port), timeout=1).close()
         wait_until(lambda: chain.store.request_counts(CID)["tasks"] >= 1, 10, "the startup pull")
-        time.sleep(0.5)
+        chain.wait_first_pull(10)
         pulls = chain.store.request_counts(CID)["tasks"]
         hop_key = bytes.fromhex((chain.workdir / "state" / "hop.key").read_text().strip())
         now = int(time.time())
@@ -672,7 +664,7 @@ def test_cta_port_is_loopback_only_and_refuses_forged_garbage_and_replayed_wakes
         for forged in (make_tickle(CID, os.urandom(32)), make_tickle("someone-else", tickle_key),
                        make_tickle(CID, tickle_key, now=now - 3600)):
             assert exchange_line("127.0.0.1", chain.objecthost_port, forged).startswith("ERR ")
-        time.sleep(1.5)
+        time.sleep(1.5)  # a sleep, not a wait: that no other pull comes is what is tested
         assert chain.store.request_counts(CID)["tasks"] == pulls + 1  # the one valid wake-up only
         log = chain.log_path.read_text()
         for code in ("bad-frame", "bad-signature", "stale", "replay"):
@@ -719,13 +711,16 @@ def test_malicious_task_documents_are_refused_quickly_memory_bounded(peers, agen
     ]
     peer.on_get(answer_xml(client_tasks()))
     agent = agents(peer.url).start()
-    time.sleep(0.5)
+    agent.chain.wait_first_pull(10)
     rss_before, _ = agent.rss("cta")
     peer.on_get(*[answer for answer, _ in documents], answer_xml(per_task))
-    started = time.monotonic()
-    while peer.gets < len(documents) + 2 and time.monotonic() - started < 30:
+
+    def pulled_all():
         agent.tickle()  # each tickle is one more pull (retries pull too)
-        time.sleep(0.25)
+        return peer.gets >= len(documents) + 2
+
+    started = time.monotonic()
+    wait_until(pulled_all, 30, "a pull of every document", interval=0.25)
     elapsed = time.monotonic() - started
     log = agent.wait_log(*(f"pull failed: {reason}" if "larger" not in reason else reason
                            for _, reason in documents))

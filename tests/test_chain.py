@@ -1,6 +1,7 @@
 """End to end over real sockets and processes: reference task server +
 `dsagent run` (objecthost, CTA, ctdataloader) on loopback ports."""
 
+import re
 import signal
 import sqlite3
 import threading
@@ -10,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent.common.events import TERMINAL
+from conftest import listening, wait_until
 from taskserver.loopback import LoopbackChain
 
 
@@ -58,14 +60,14 @@ def test_queue_tickle_statuses_in_order(make_chain):
     assert assert_clean_history(chain, unknown) == ["received", "failed"]
     assert "unknown task type 'NoSuchType'" in chain.events(unknown)[-1]["message"]
     assert assert_clean_history(chain, bad) == ["received", "failed"]
-    assert "'script' is missing or empty" in chain.events(bad)[-1]["message"]
+    assert "parameter 'script' is empty" in chain.events(bad)[-1]["message"]
     log = chain.log_path.read_text()
     assert f"task={ok}" in log  # support staff can follow one task in the log
 
 
 def test_lost_tickle_is_covered_by_the_poll(make_chain):
     chain = make_chain(poll_interval_s=1)
-    time.sleep(0.3)  # let the startup pull pass
+    chain.wait_first_pull()  # so the task comes with a poll, not the start-up pull
     task = chain.queue("RunScript", {"script": "true"})  # no tickle
     assert chain.wait([task], 15)
     assert assert_clean_history(chain, task)[-1] == "succeeded"
@@ -77,7 +79,7 @@ def test_redelivered_task_never_runs_twice(make_chain, tmp_path):
     slow = chain.queue("RunScript", {"script": f"sleep 1; echo $DSAGENT_TASK_ID >> {ran}"})
     assert chain.tickle() == "OK"
     for _ in range(5):  # listed again on every pull while it runs
-        time.sleep(0.2)
+        time.sleep(0.2)  # a sleep, not a wait: pulls spread over the task's run
         assert chain.tickle() == "OK"
     assert chain.wait([slow], 20)
     first = chain.events(slow)
@@ -100,18 +102,18 @@ def _kill_mid_run(chain, tmp_path, victim):
     tasks = [chain.queue("RunScript", {"script": f"sleep 0.3; echo $DSAGENT_TASK_ID >> {ran}"})
              for _ in range(12)]
     assert chain.tickle() == "OK"
-    deadline = time.monotonic() + 20
-    while sum(chain.store.is_terminal(t) for t in tasks) < 3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: sum(chain.store.is_terminal(t) for t in tasks) >= 3, 20,
+               "three tasks to end")
     proc = chain.child(victim)
     proc.send_signal(signal.SIGKILL)
     proc.wait(5)
     # the supervisor restarts it; a tickle (or the startup pull) resumes work
-    deadline = time.monotonic() + 20
-    while (chain.child(victim) is None or chain.child(victim).pid == proc.pid) \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)
+    def restarted():
+        new = chain.child(victim)
+        return new is not None and new.pid != proc.pid
+
+    wait_until(restarted, 20, f"the supervisor to restart the {victim}")
+    wait_until(lambda: listening(chain.cta_port), 20, "the CTA to listen (for the tickle)")
     chain.tickle()
     assert chain.wait(tasks, 60), [chain.events(t)[-1:] for t in tasks]
     finals = []
@@ -146,14 +148,7 @@ def test_objecthost_restart_keeps_serving_tickles(make_chain):
     old = chain.child("objecthost")
     old.send_signal(signal.SIGKILL)
     old.wait(5)
-    deadline = time.monotonic() + 15
-    answer = None
-    while time.monotonic() < deadline:
-        try:
-            answer = chain.tickle()
-            break
-        except Exception:
-            time.sleep(0.2)
+    answer = wait_until(chain.tickle, 15, "the restarted objecthost to answer a tickle")
     assert answer == "OK"
     task = chain.queue("RunScript", {"script": "true"})
     chain.tickle()
@@ -165,7 +160,7 @@ def test_server_outage_then_everything_arrives(make_chain):
     port = chain.server.port
     chain.stop_server()
     task = chain.store.queue_task(chain.client_id, "RunScript", {"script": "true"})
-    time.sleep(2)  # pulls and uploads fail meanwhile
+    time.sleep(2)  # a sleep, not a wait: an outage that lasts is the condition tested
     chain.start_server(port=port)
     chain.tickle()
     assert chain.wait([task], 60)
@@ -221,10 +216,8 @@ def test_oversize_and_malformed_documents_are_logged_and_pull_retried(tmp_path):
     chain.server_url = f"http://127.0.0.1:{httpd.server_address[1]}"  # point the agent at the peer
     try:
         chain.start_agent()
-        deadline = time.monotonic() + 20
-        while not any(e["state"] in TERMINAL for e in _ScriptedServer.posted) \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: any(e["state"] in TERMINAL for e in _ScriptedServer.posted), 20,
+                   "a terminal status posted")
         states = [e["state"] for e in _ScriptedServer.posted if e["task_id"] == good_id]
         assert states == ["received", "running", "succeeded"]
         assert _ScriptedServer.gets >= 3
@@ -242,9 +235,7 @@ def test_sigterm_drains_running_task_and_uploads_its_end(make_chain):
     chain = make_chain()
     task = chain.queue("RunScript", {"script": "sleep 1.5"})
     chain.tickle()
-    deadline = time.monotonic() + 10
-    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(chain.events(task)) >= 2, 10, "the task's running status")
     assert [e["state"] for e in chain.events(task)] == ["received", "running"]
     assert chain.stop_agent() == 0
     assert assert_clean_history(chain, task)[-1] == "succeeded"
@@ -281,24 +272,17 @@ def test_cta_crash_leaves_no_handler_process_running(make_chain):
     marker = uuid.uuid4().hex
     task = chain.queue("RunScript", {"script": f"sh -c 'sleep 300; : {marker}'"})
     chain.tickle()
-    deadline = time.monotonic() + 10
-    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(chain.events(task)) >= 2, 10, "the task's running status")
 
     def leftovers():
         return [p for p in psutil.process_iter(["cmdline"])
                 if marker in " ".join(p.info["cmdline"] or [])]
 
-    deadline = time.monotonic() + 10  # `running` is recorded just before the script starts
-    while not leftovers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert leftovers()
+    # `running` is recorded just before the script starts
+    wait_until(leftovers, 10, "the script's process")
     cta = chain.child("cta")
     cta.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while leftovers() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert leftovers() == []
+    wait_until(lambda: leftovers() == [], 10, "no process of the script left")
     chain.tickle()
     assert chain.wait([task], 20)
     assert "interrupted" in chain.events(task)[-1]["message"]
@@ -308,10 +292,17 @@ def test_prestarted_workers_stay_alive(make_chain):
     """Workers die with the thread that started them (PR_SET_PDEATHSIG), so
     they must be started by a thread that lives as long as the CTA."""
     chain = make_chain(max_concurrent_tasks=2)
+
+    def live_workers():
+        workers = [p for p in chain.child("cta").children() if p.status() != "zombie"]
+        assert len(workers) == 2, workers
+        return workers
+
+    pids = {p.pid for p in wait_until(live_workers, 15, "two prestarted workers")}
+    # A sleep, not a wait: the failure is the workers dying a little later
+    # (and being replaced when a task comes before they are ready).
     time.sleep(1.5)
-    workers = [p for p in chain.child("cta").children() if p.status() != "zombie"]
-    assert len(workers) == 2
-    pids = {p.pid for p in workers}
+    assert {p.pid for p in live_workers()} == pids
     task = chain.queue("RunScript", {"script": "true"})
     chain.tickle()
     assert chain.wait([task], 15)
@@ -323,11 +314,13 @@ def test_uploads_resume_as_soon_as_the_cta_reaches_the_server_again(make_chain):
     port = chain.server.port
     task = chain.queue("RunScript", {"script": "sleep 1"})
     chain.tickle()
-    deadline = time.monotonic() + 10
-    while len(chain.events(task)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(chain.events(task)) >= 2, 10, "the task's running status")
     chain.stop_server()
-    time.sleep(9)  # the task ends; the uploader's backoff has grown to several seconds
+    # the task ends (its last event is the one that cannot be uploaded) and the
+    # uploader's backoff grows until its next retry is well over 3 s away
+    wait_until(lambda: any(float(s) >= 4 for s in re.findall(
+        r"upload failed: .*; retry in ([\d.]+) s", chain.log_path.read_text())), 30,
+        "an upload retry 4 s or more away")
     chain.start_server(port=port)
     started = time.monotonic()
     chain.tickle()  # the CTA's pull succeeds and tells the uploader

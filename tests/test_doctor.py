@@ -15,6 +15,7 @@ import os
 import ssl
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tomllib
@@ -24,16 +25,20 @@ import pytest
 
 from agent.common.config import render_config, write_private
 from agent.common.tickle import exchange_line, make_tickle
+from agent.plugin.testing import write_distribution
+from conftest import wait_until
 from taskserver.loopback import LoopbackChain, free_port
 
 DSAGENT = [sys.executable, "-m", "agent"]
 HOUR = 3600
 
 
-def doctor(config: Path, *extra: str) -> tuple[int, dict]:
-    """Run ``dsagent doctor --json``; (exit status, {check name: result})."""
+def doctor(config: Path, *extra: str, plugins: Path | None = None) -> tuple[int, dict]:
+    """Run ``dsagent doctor --json``; (exit status, {check name: result}, in
+    the doctor's order). ``plugins``: a folder of handler distributions to add."""
+    env = dict(os.environ, PYTHONPATH=str(plugins)) if plugins else None
     result = subprocess.run(DSAGENT + ["doctor", "--config", str(config), "--json", *extra],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=env)
     report = json.loads(result.stdout)
     assert report["ok"] == (result.returncode == 0)
     return result.returncode, {c["name"]: c for c in report["checks"]}
@@ -350,21 +355,22 @@ def test_credentials_file_readable_by_others(tmp_path, server, store):
 def test_tickles_refused_since_the_last_accepted_one(tmp_path):
     with LoopbackChain(tmp_path / "chain") as chain:
         assert chain.tickle() == "OK"
-        deadline = time.monotonic() + 10     # the objecthost publishes within a second
-        while True:
+
+        def tickle_check(holds):
             code, checks = doctor(chain.config_path)
-            if "1 accepted" in checks["tickles"]["finding"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+            assert holds(checks["tickles"]), checks["tickles"]
+            return code, checks
+
+        # the objecthost publishes within a second
+        code, checks = wait_until(lambda: tickle_check(lambda t: "1 accepted" in t["finding"]),
+                                  10, "the accepted tickle in the doctor's report", interval=0.3)
         assert checks["tickles"]["status"] == "ok", checks["tickles"]
         assert "1 accepted, 0 refused" in checks["tickles"]["finding"]
         # the task server now signs with another key (its record was re-enrolled)
         forged = make_tickle(chain.client_id, bytes(32))
         assert exchange_line("127.0.0.1", chain.objecthost_port, forged) == "ERR bad-signature"
-        deadline = time.monotonic() + 10     # the objecthost publishes within a second
-        while checks["tickles"]["status"] == "ok" and time.monotonic() < deadline:
-            time.sleep(0.3)
-            code, checks = doctor(chain.config_path)
+        code, checks = wait_until(lambda: tickle_check(lambda t: t["status"] != "ok"), 10,
+                                  "the refused tickle in the doctor's report", interval=0.3)
     tickles = checks["tickles"]
     assert tickles["status"] == "warn" and code == 0, tickles    # tasks still come by polling
     assert "was refused bad-signature" in tickles["finding"] and "127.0.0.1:" in tickles["finding"]
@@ -372,7 +378,8 @@ def test_tickles_refused_since_the_last_accepted_one(tmp_path):
 
 
 def test_outbox_events_the_server_has_not_taken_for_long(config, server):
-    from agent.cta.statedb import AgentDB, db_path
+    from agent.common.statedb import db_path
+    from agent.cta.taskdb import AgentDB
     from agent.common.task import Task
 
     state = config.parent / "state"
@@ -409,3 +416,115 @@ def test_settings_for_a_plugin_that_is_not_installed(tmp_path, server, store):
     code, checks = doctor(config)
     assert checks["handlers"]["status"] == "ok", checks["handlers"]
     assert "from 5 plugin(s): bootwiz, example, imaging, runscript, sbs" in checks["handlers"]["finding"]
+
+
+def install_plugin(root: Path, module: str, entry_name: str, source: str) -> Path:
+    """A third-party handler distribution under ``root`` (put on PYTHONPATH)."""
+    return write_distribution(root, module, textwrap.dedent(source), entry_name, "0.9")
+
+
+def test_a_third_party_plugin_adds_its_own_check(tmp_path, server, store):
+    """dsagent_doctor_checks: the check runs with the [handlers] section (its
+    own settings table included) and is printed like the doctor's own."""
+    plugins = install_plugin(tmp_path / "plugins", "acme_inventory", "acme", """
+        from agent.plugin import CheckResult, DoctorCheck, hookimpl
+
+        def check_licence(config):
+            seats = config["acme"]["seats"]
+            return CheckResult("warn", f"acme licence: {seats} seat(s) left",
+                               "buy seats before they run out")
+
+        @hookimpl
+        def dsagent_doctor_checks(register):
+            register(DoctorCheck("acme-licence", check_licence))
+    """)
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-1"),
+                          {"acme": {"seats": 2}})
+    code, checks = doctor(config, plugins=plugins)
+    licence = checks["acme-licence"]
+    assert licence == {"name": "acme-licence", "status": "warn",
+                       "finding": "acme licence: 2 seat(s) left",
+                       "action": "buy seats before they run out"}
+    assert code == 0, [c for c in checks.values() if c["status"] == "fail"]  # warnings do not fail
+    assert checks["handlers"]["status"] == "ok", checks["handlers"]
+    # the plugins' checks (by plugin: acme, bootwiz, imaging, sbs) come after the
+    # clock; the handlers check stays last
+    names = list(checks)
+    assert names[names.index("clock") + 1:names.index("tickles")] == [
+        "acme-licence", "drivers", "image-store", "sbs"]
+    assert names[-1] == "handlers"
+
+
+def test_a_plugin_check_that_raises_or_answers_nonsense_fails_naming_the_plugin(
+        tmp_path, server, store):
+    plugins = tmp_path / "plugins"
+    install_plugin(plugins, "raiser", "raiser", """
+        from agent.plugin import DoctorCheck, hookimpl
+
+        def check(config):
+            raise OSError("licence server down")
+
+        @hookimpl
+        def dsagent_doctor_checks(register):
+            register(DoctorCheck("raiser-check", check))
+    """)
+    install_plugin(plugins, "sloppy", "sloppy", """
+        from agent.plugin import DoctorCheck, hookimpl
+
+        @hookimpl
+        def dsagent_doctor_checks(register):
+            register(DoctorCheck("sloppy-check", lambda config: "all fine"))
+    """)
+    install_plugin(plugins, "unregisterable", "unregisterable", """
+        from agent.plugin import hookimpl
+
+        @hookimpl
+        def dsagent_doctor_checks(register):
+            register("not a check")
+    """)
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-1"))
+    code, checks = doctor(config, plugins=plugins)
+    assert code == 1
+    raised = checks["raiser-check"]
+    assert raised["status"] == "fail"
+    assert raised["finding"] == ("handler plugin 'raiser' failed its doctor check: "
+                                 "OSError: licence server down")
+    assert "'raiser'" in raised["action"]
+    sloppy = checks["sloppy-check"]
+    assert sloppy["status"] == "fail"
+    assert sloppy["finding"] == ("handler plugin 'sloppy': its doctor check returned str, "
+                                 "not a CheckResult")
+    unregisterable = checks["unregisterable"]
+    assert unregisterable["status"] == "fail"
+    assert unregisterable["finding"].startswith(
+        "handler plugin 'unregisterable' could not register its doctor checks: TypeError: "
+        "register() expects a DoctorCheck")
+    # the other plugins' checks still run
+    assert checks["sbs"]["status"] == "skip" and checks["server"]["status"] == "ok"
+
+
+def test_a_check_name_registered_twice_fails_naming_both_plugins(tmp_path, server, store):
+    sbs = tmp_path / "SBS"
+    sbs.mkdir()
+    plugins = install_plugin(tmp_path / "plugins", "pxeplus", "pxeplus", """
+        from agent.plugin import CheckResult, DoctorCheck, hookimpl
+
+        @hookimpl
+        def dsagent_doctor_checks(register):
+            register(DoctorCheck("sbs", lambda config: CheckResult("ok", "mine")))
+            register(DoctorCheck("clock", lambda config: CheckResult("ok", "mine too")))
+    """)
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-1"),
+                          {"sbs_dir": str(sbs)})
+    code, checks = doctor(config, plugins=plugins)
+    assert code == 1
+    assert checks["sbs"] == {
+        "name": "sbs", "status": "fail",
+        "finding": "doctor check 'sbs' is registered by both pxeplus and sbs: it does not run",
+        "action": "uninstall one of the packages, or rename the check in one of them"}
+    # a name of the doctor's own checks: the doctor's runs, the plugin's does not
+    assert checks["clock"]["status"] == "ok" and "task server's" in checks["clock"]["finding"]
+    assert checks["pxeplus"]["status"] == "fail"
+    assert checks["pxeplus"]["finding"] == ("handler plugin 'pxeplus' registers a doctor check "
+                                            "named 'clock', like one of the doctor's own: it "
+                                            "does not run")

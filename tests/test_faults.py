@@ -25,6 +25,7 @@ from agent import supervisor  # noqa: E402
 from agent.common.config import SCHEMA  # noqa: E402
 from bench import faults  # noqa: E402
 from bench.report import table  # noqa: E402
+from conftest import wait_until  # noqa: E402
 from taskserver.loopback import LoopbackChain  # noqa: E402
 
 SEED = int(os.environ.get("DSAGENT_FAULT_SEED") or random.randrange(1 << 30))
@@ -145,11 +146,13 @@ def test_server_stopped_then_back_everything_arrives(tmp_path, capsys):
 def test_pull_retries_do_not_pile_up_during_a_long_outage(tmp_path):
     chain = faults.start_chain(tmp_path / "chain", poll_interval_s=1)
     try:
-        time.sleep(1.0)
+        chain.wait_first_pull()
         chain.server.set_fault(503, ["tasks"])
-        time.sleep(4.0)  # let the backoff settle
+        # the backoff settles: its delay is capped at poll_interval_s from the first failure
+        wait_until(lambda: chain.log_path.read_text().count("pull failed: GET") >= 2, 10,
+                   "two failed pulls")
         before = chain.server.request_counts(chain.client_id)["tasks"]
-        time.sleep(8.0)
+        time.sleep(8.0)  # a sleep, not a wait: the GETs in 8 s of outage are what is counted
         gets = chain.server.request_counts(chain.client_id)["tasks"] - before
         chain.server.set_fault(None)
     finally:
@@ -236,11 +239,8 @@ def test_hostile_handlers_fail_alone_while_quick_tasks_complete(chain):
     assert end["state"] == "succeeded"
     # what stayed in the script's group dies with it; what escaped with setsid is
     # killed by the supervisor's sweep (every 10 s) at the latest
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _procs_with(escaped_marker):
-        time.sleep(0.2)
+    wait_until(lambda: _procs_with(escaped_marker) == [], 15, "the sweep of the escaped sleep")
     assert _procs_with(kept_marker) == []
-    assert _procs_with(escaped_marker) == []
     assert _procs_with(hang_marker) == []
     assert chain.child("cta").is_running()
 

@@ -8,10 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.tools import trace as trace_mod
@@ -20,6 +20,7 @@ from agent.common.errors import ConfigError
 from agent.tools.logview import LogFollower, log_files, parse_since, read_records
 from agent.common.tickle import sign
 from agent.tools.trace import TraceServer, _challenge, load_trace_key
+from conftest import wait_until
 from taskserver.loopback import LoopbackChain, free_port
 
 PY = sys.executable
@@ -132,7 +133,10 @@ def test_logs_command_follow_prints_new_lines(tmp_path):
     viewer = subprocess.Popen([PY, "-m", "agent", "logs", "--log-dir", str(tmp_path), "--follow",
                                "--task", "follow-me"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # let it reach the end of the (empty) history
+        # once it holds cta.log open, it shows every line written after
+        wait_until(lambda: any(f.path.endswith("/cta.log")
+                               for f in psutil.Process(viewer.pid).open_files()), 10,
+                   "the viewer to open cta.log")
         assert _writer(tmp_path, "worker", 3, task="follow-me").wait(30) == 0
         assert _writer(tmp_path, "worker", 3, task="someone-else").wait(30) == 0
         got = [viewer.stdout.readline() for _ in range(3)]
@@ -167,16 +171,19 @@ def test_one_task_can_be_followed_across_every_process(tmp_path):
         assert chain.tickle() == "OK"
         assert chain.wait([task_id], 60)
         server_events = {e["event_id"]: e["state"] for e in chain.events(task_id)}
-        deadline = time.monotonic() + 10   # the uploader logs right after the server's answer
-        while True:
+
+        def logged():
             result = subprocess.run(
                 [PY, "-m", "agent", "logs", "--config", str(chain.config_path),
                  "--task", task_id[:8], "--json"], capture_output=True, text=True)
             records = [json.loads(line) for line in result.stdout.splitlines()]
             accepted = {r["event_id"] for r in records if r["process"] == "ctdataloader"}
-            if accepted >= set(server_events) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+            assert accepted >= set(server_events), (result.stderr, accepted)
+            return result, records, accepted
+
+        # the uploader logs right after the server's answer
+        result, records, accepted = wait_until(logged, 10, "the uploader's line for each event",
+                                               interval=0.2)
     assert result.returncode == 0, result.stderr
     assert {r["task_id"] for r in records if r["process"] != "objecthost"} == {task_id}
     assert {"objecthost", "cta", "worker", "ctdataloader"} <= {r["process"] for r in records}
@@ -250,14 +257,6 @@ def test_trace_refuses_a_wrong_key_a_bad_frame_and_a_silent_viewer(tmp_path, mon
         server.close()
 
 
-def _wait_for_viewer(chain, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not any("watching" in r["msg"] for r in read_records(chain.workdir / "state" / "logs")
-                  if r["logger"] == "dsagent.trace"):
-        assert time.monotonic() < deadline, "the viewer never connected"
-        time.sleep(0.1)
-
-
 def test_dsagent_run_serves_the_trace_and_dsagent_trace_shows_it(tmp_path):
     port = free_port()
     chain = LoopbackChain(tmp_path / "chain", extra_config=f'[trace]\nlisten = "127.0.0.1:{port}"\n')
@@ -265,7 +264,9 @@ def test_dsagent_run_serves_the_trace_and_dsagent_trace_shows_it(tmp_path):
         viewer = subprocess.Popen([PY, "-m", "agent", "trace", "--config", str(chain.config_path)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_for_viewer(chain)
+            wait_until(lambda: any("watching" in r["msg"] for r in read_records(
+                chain.workdir / "state" / "logs") if r["logger"] == "dsagent.trace"), 30,
+                "the viewer to connect")
             task_id = chain.queue("RunScript", {"script": "true"})
             assert chain.tickle() == "OK"
             assert chain.wait([task_id], 60)

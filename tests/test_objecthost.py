@@ -2,7 +2,7 @@
 
 The ObjectHost runs in a background thread's event loop (or as the real
 ``python -m objecthost`` process); a fake CTA is a real socket that checks
-every wake-up line with ``agent.tickle.check_wake``.
+every wake-up line with ``agent.common.tickle.check_wake``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 
 from agent.common.errors import TickleRefused
 from agent.common.tickle import ReplayCache, check_wake, load_hop_key, make_tickle
+from conftest import listening, wait_until
 from objecthost.server import ObjectHost
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
@@ -108,13 +109,11 @@ class HostThread:
 
     def settle(self, timeout: float = 3.0) -> None:
         """Wait until no wake-up is in flight."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def idle():
             task = self.host._forward_task
-            if task is None or task.done():
-                return
-            time.sleep(0.01)
-        raise AssertionError("a wake-up is still in flight")
+            return task is None or task.done()
+
+        wait_until(idle, timeout, "no wake-up in flight")
 
     def close(self) -> None:
         self.call(self.host.close())
@@ -264,9 +263,9 @@ def test_replay(oh, cta):
 def test_refused_nonces_are_not_remembered(oh, cta):
     line = tickle(now=int(time.time()) - 1000)
     assert exchange(oh.port, line) == b"ERR stale\n"
-    assert len(oh.host._replay) == 0
+    assert len(oh.host.gate.replay) == 0
     assert_still_works(oh, cta)
-    assert len(oh.host._replay) == 1
+    assert len(oh.host.gate.replay) == 1
 
 
 def test_busy_then_recovers(make_host, cta):
@@ -274,10 +273,10 @@ def test_busy_then_recovers(make_host, cta):
     lines = [tickle() for _ in range(3)]
     answers = [exchange(runner.port, line) for line in lines]
     assert answers == [b"OK\n", b"OK\n", b"ERR busy\n"]
-    time.sleep(0.3)                                  # the bucket refills at 5/s
+    time.sleep(0.3)                                  # a sleep by design: the bucket refills at 5/s
     # a busy tickle's nonce was not remembered: the very same line is accepted now
     assert exchange(runner.port, lines[2]) == b"OK\n"
-    time.sleep(0.25)
+    time.sleep(0.25)                                 # by design too: a refill for the tickle below
     assert_still_works(runner, cta)
 
 
@@ -287,7 +286,7 @@ def test_twenty_a_second_are_never_refused_with_defaults(oh, cta):
     for i in range(40):                                                  # then 20/s for 2 s
         delay = start + i / 20 - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            time.sleep(delay)  # pacing: the rate is what is tested
         answers.append(exchange(oh.port, tickle()))
     assert answers == [b"OK\n"] * 60
     oh.settle()
@@ -341,20 +340,21 @@ def test_when_full_the_oldest_slow_sender_makes_room(make_host, cta):
     runner = make_host(max_connections=2)
     held = [socket.create_connection(("127.0.0.1", runner.port), timeout=2) for _ in range(2)]
     try:
-        _wait(lambda: runner.host.active_connections == 2)
+        wait_until(lambda: runner.host.active_connections == 2, 3, "two connections held")
         held.append(socket.create_connection(("127.0.0.1", runner.port), timeout=2))
         assert _read_to_eof(held[0]) == b""              # the oldest is reset, long before 5 s
         assert runner.host.stats["evicted"] == 1
         assert exchange(runner.port, tickle()) == b"OK\n"   # while two slow senders hold the slots
         late = socket.create_connection(("127.0.0.1", runner.port), timeout=2)
         held.append(late)
-        _wait(lambda: runner.host.stats["evicted"] == 2)  # held, it took the next oldest's slot
+        # held, it took the next oldest's slot
+        wait_until(lambda: runner.host.stats["evicted"] == 2, 3, "a second eviction")
         late.sendall(tickle())
         assert _read_to_eof(late) == b"OK\n"
     finally:
         for sock in held:
             sock.close()
-    _wait(lambda: runner.host.active_connections == 0)
+    wait_until(lambda: runner.host.active_connections == 0, 3, "no connection left")
     assert_still_works(runner, cta)
 
 
@@ -366,11 +366,12 @@ def test_flood_keeps_state_flat_and_logging_bounded(make_host, cta, caplog):
         data = [b"junk\n", tickle(key=bytes(32)), tickle(client_id=f"x{i}")][i % 3]
         assert exchange(runner.port, data).startswith(b"ERR ")
     windows = int(time.monotonic() - started) + 1
-    _wait(lambda: any("not logged" in r.getMessage() for r in caplog.records), timeout=2.5)
+    wait_until(lambda: any("not logged" in r.getMessage() for r in caplog.records), 2.5,
+               "the 'not logged' summary line")
     refused = [r for r in caplog.records if r.getMessage().startswith("tickle from")]
     assert 5 <= len(refused) <= 5 * windows
     assert runner.host.active_connections == 0
-    assert len(runner.host._replay) == 0
+    assert len(runner.host.gate.replay) == 0
     assert_still_works(runner, cta)
 
 
@@ -410,7 +411,7 @@ def test_close_is_prompt_with_connections_open(cta):
     runner = HostThread(cta.port)
     sock = socket.create_connection(("127.0.0.1", runner.port))
     try:
-        _wait(lambda: runner.host.active_connections == 1)
+        wait_until(lambda: runner.host.active_connections == 1, 3, "the connection held")
         started = time.monotonic()
         runner.close()
         assert time.monotonic() - started < 2.0
@@ -449,15 +450,12 @@ def _start(config: Path) -> subprocess.Popen:
 
 
 def _wait_listening(proc: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("objecthost did not start listening")
+    def up():
+        if proc.poll() is not None:
+            pytest.fail(proc.communicate()[1].decode())
+        return listening(port)
+
+    wait_until(up, 10, "the objecthost to listen")
 
 
 def _stop(proc: subprocess.Popen) -> tuple[int, str]:
@@ -487,7 +485,7 @@ def test_process_tickled_end_to_end(tmp_path):
         assert exchange(port, tickle(key=bytes(32))) == b"ERR bad-signature\n"
         # idle: (next to) no CPU
         before = _cpu_ticks(proc.pid)
-        time.sleep(1.0)
+        time.sleep(1.0)                             # a sleep, not a wait: idle time is measured
         after = _cpu_ticks(proc.pid)
         if before is not None and after is not None:
             assert after - before <= 5, "objecthost uses CPU while idle"
@@ -515,7 +513,7 @@ def test_process_picks_up_registration_without_restart(tmp_path):
         fake.hop_key = load_hop_key(tmp_path / "state")   # created by the objecthost
         assert exchange(port, tickle()) == b"ERR unknown-client\n"
         load_config(config).save_credentials(CID, "tok", KEY.hex())
-        time.sleep(1.05)                             # credentials are re-read at most once a second
+        time.sleep(1.05)  # a sleep by design: credentials are re-read at most once a second
         assert exchange(port, tickle()) == b"OK\n"
         assert fake.wait_for(1)
     finally:
@@ -579,12 +577,3 @@ def _read_to_eof(sock: socket.socket) -> bytes:
         if not chunk:
             return data
         data += chunk
-
-
-def _wait(predicate, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
-

@@ -3,6 +3,7 @@ broken and conflicting plugins named, hooks documented and exercised."""
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,10 +11,11 @@ import textwrap
 import pytest
 
 from agent.plugin import hookimpl, hookspecs
-from agent.common.errors import TaskRejected
+from agent.common.errors import BadParameters, TaskRejected
+from agent.common.task import Task
 from agent.plugin.manager import load_handlers
 from agent.plugin.testing import write_distribution
-from agent.plugin.tasks import TaskType
+from agent.plugin.tasks import Param, TaskType
 
 DSAGENT = [sys.executable, "-m", "agent"]
 
@@ -102,11 +104,129 @@ def test_hooks_are_called_only_on_the_owning_plugin():
             return {"other": True}
 
     registry = load_handlers(entry_points=False, extra_plugins=[("good", Good()), ("other", Other())])
-    from agent.common.task import Task
     assert registry.run(Task("x", "Good"), ctx=None) == {"ran": "x"}
     assert calls == []
     assert registry.timeout_for(Task("x", "Good")) == 7
     assert registry.timeout_for(Task("x", "Good", timeout=3)) == 3
+
+
+class Declared:
+    """Declares its parameters; records the calls of its validate hook."""
+
+    def __init__(self):
+        self.validated = []
+
+    @hookimpl
+    def dsagent_task_types(self, register):
+        register(TaskType("Acme.Copy", parameters=(
+            Param("source", required=True, type="path"),
+            Param("count", type="int"),
+            Param("ratio", type="number"),
+            Param("mode", pattern="fast|safe"),
+            Param("note", required=True, allow_empty=True),
+            Param("label", required=True),
+        )))
+        register(TaskType("Acme.Legacy"))  # written before Param: parameters=None
+        register(TaskType("Acme.Bare", parameters=()))
+
+    @hookimpl
+    def dsagent_validate_task(self, task, config):
+        self.validated.append(dict(task.parameters))
+
+
+GOOD = {"source": "/dev/sdb", "note": "", "label": "disk"}
+
+
+@pytest.mark.parametrize("type_name, params, message", [
+    ("Acme.Copy", {**GOOD, "colour": "red", "size": "1"},
+     "unknown parameter 'colour' (Acme.Copy takes source, count, ratio, mode, note, label)"),
+    ("Acme.Bare", {"x": "1"}, "unknown parameter 'x' (Acme.Bare takes no parameters)"),
+    ("Acme.Copy", {"note": "", "label": "disk"}, "parameter 'source' is missing"),
+    ("Acme.Copy", {"source": "/dev/sdb", "label": "disk"}, "parameter 'note' is missing"),
+    ("Acme.Copy", {**GOOD, "label": ""}, "parameter 'label' is empty"),
+    ("Acme.Copy", {**GOOD, "label": " \t\n"}, "parameter 'label' is empty"),
+    ("Acme.Copy", {**GOOD, "source": "dev/sdb"},
+     "parameter 'source' must be an absolute path, got 'dev/sdb'"),
+    ("Acme.Copy", {**GOOD, "source": "/dev/sdb\n/etc"},
+     "parameter 'source' must be an absolute path, got '/dev/sdb\\n/etc'"),
+    ("Acme.Copy", {**GOOD, "count": "1.5"}, "parameter 'count' must be a whole number, got '1.5'"),
+    ("Acme.Copy", {**GOOD, "count": ""}, "parameter 'count' must be a whole number, got ''"),
+    ("Acme.Copy", {**GOOD, "ratio": "nan"}, "parameter 'ratio' must be a number, got 'nan'"),
+    ("Acme.Copy", {**GOOD, "mode": "slow"}, "parameter 'mode' must match fast|safe, got 'slow'"),
+    ("Acme.Copy", {**GOOD, "mode": "fast "}, "parameter 'mode' must match fast|safe, got 'fast '"),
+])
+def test_core_refuses_bad_declared_parameters_before_the_hook(type_name, params, message):
+    plugin = Declared()
+    registry = load_handlers(entry_points=False, extra_plugins=[("acme", plugin)])
+    with pytest.raises(BadParameters) as refused:
+        registry.validate(Task("t", type_name, params), {})
+    assert str(refused.value) == message
+    assert plugin.validated == []  # the handler never saw the task
+
+
+@pytest.mark.parametrize("type_name, params", [
+    ("Acme.Copy", GOOD),
+    ("Acme.Copy", {**GOOD, "count": " -7 ", "ratio": "1e3", "mode": "safe", "note": "  "}),
+    ("Acme.Copy", {**GOOD, "ratio": "-.5"}),
+    ("Acme.Bare", {}),
+    ("Acme.Legacy", {"anything": "", "at": "all"}),  # undeclared: left to the handler
+])
+def test_parameters_that_fit_reach_the_hook(type_name, params):
+    plugin = Declared()
+    registry = load_handlers(entry_points=False, extra_plugins=[("acme", plugin)])
+    registry.validate(Task("t", type_name, params), {})
+    assert plugin.validated == [params]
+
+
+def test_a_bad_declaration_breaks_only_its_plugin():
+    for bad, error in ((lambda: Param("a", type="float"), ValueError),
+                       (lambda: Param("a", pattern="("), re.error),
+                       (lambda: TaskType("X", parameters=(Param("a"), Param("a"))), ValueError),
+                       (lambda: TaskType("X", parameters=("a",)), TypeError)):
+        with pytest.raises(error):
+            bad()
+
+    class Twice:
+        @hookimpl
+        def dsagent_task_types(self, register):
+            register(TaskType("Twice", parameters=(Param("a"), Param("a", required=True))))
+
+    registry = load_handlers(entry_points=False,
+                             extra_plugins=[("good", Good()), ("twice", Twice())])
+    assert set(registry.types) == {"Good"}
+    assert "declared twice" in registry.broken["twice"]
+
+
+def test_handlers_lists_each_types_parameters(tmp_path):
+    make_dist(tmp_path, "oldplug", """
+        from agent.plugin import hookimpl
+        from agent.plugin.tasks import TaskType
+
+        @hookimpl
+        def dsagent_task_types(register):
+            register(TaskType("Old.Style", 60, "checks its own parameters"))
+    """, "old")
+    result = run_handlers_cmd(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines()[1:]:
+        if line.startswith("    "):
+            listed[current].append(line.strip())
+        else:
+            current = line.split()[0]
+            listed[current] = []
+    assert listed["RunScript"] == [
+        "script (required, text): the script's text",
+        "interpreter (optional, path): the program that runs it (default /bin/sh)"]
+    assert listed["UpdateSBSInfo"][0] == ("kind (required, matching initial-config|clients|"
+                                          "images|predefined|update): which file to write")
+    assert listed["UpdateSBSInfo"][1].startswith("payload (required, text, may be empty): ")
+    assert listed["UpdateSBSInfo"][2].startswith("confirm_s (optional, number): ")
+    assert [p.split()[0] for p in listed["BootWizRebuild"]] == ["config", "base", "drivers"]
+    assert [p.split()[0] for p in listed["DeployImage"]] == ["image", "target"]
+    assert listed["Example.Sleep"] == ["seconds (required, number)"]
+    assert listed["Example.Crash"] == ["no parameters"]
+    assert listed["Old.Style"] == ["parameters checked by the handler"]
 
 
 def test_every_hook_is_documented_and_exercised():

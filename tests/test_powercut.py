@@ -6,7 +6,7 @@ code (tests/powercut/workload.py) runs under an LD_PRELOAD shim that logs
 every file operation in the state dir (iolog.c); crash states are rebuilt from
 the log with only what was fsync'd plus any subset of the rest, torn at 512-byte
 sectors (crashsim.py, model in its docstring); each is opened with
-agent.statedb and checked against what the workload was told (harness.py).
+agent.cta.taskdb and checked against what the workload was told (harness.py).
 The model and the figures: docs/reliability.md, "Power cut". Seed in the
 output (DSAGENT_POWERCUT_SEED=... replays it); bench/powercut.py runs more.
 """

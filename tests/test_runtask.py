@@ -58,18 +58,23 @@ def test_nonzero_exit_fails_and_tail_is_last_4k(tmp_path):
 
 
 def test_bad_parameters_and_unknown_type_fail_before_running(tmp_path):
-    result, events = run_task(tmp_path, task("RunScript", {"script": "true", "colour": "red"}),
-                              task("NoSuchType"), task("RunScript", {"script": "true",
-                                                                    "interpreter": "bin/sh"}))
+    cases = {  # task id -> (task, the message its failed event must carry)
+        str(uuid.uuid4()): (("RunScript", {"script": "true", "colour": "red"}),
+                            "unknown parameter 'colour' (RunScript takes script, interpreter)"),
+        str(uuid.uuid4()): (("NoSuchType", None), "unknown task type 'NoSuchType'"),
+        str(uuid.uuid4()): (("RunScript", {"script": "true", "interpreter": "bin/sh"}),
+                            "parameter 'interpreter' must be an absolute path, got 'bin/sh'"),
+        str(uuid.uuid4()): (("RunScript", {"interpreter": "/bin/sh"}),
+                            "parameter 'script' is missing"),
+        str(uuid.uuid4()): (("RunScript", {"script": " \n "}), "parameter 'script' is empty"),
+    }
+    result, events = run_task(tmp_path, *(task(*args, task_id=task_id)
+                                          for task_id, (args, _) in cases.items()))
     assert result.returncode == 1
-    by_task = {}
-    for e in events:
-        by_task.setdefault(e["task_id"], []).append(e)
-    messages = [evs[-1]["message"] for evs in by_task.values()]
-    assert all(states(evs) == ["received", "failed"] for evs in by_task.values())
-    assert "unknown parameter 'colour'" in messages[0]
-    assert "unknown task type 'NoSuchType'" in messages[1]
-    assert "absolute path" in messages[2]
+    for task_id, (_, message) in cases.items():
+        assert states(events, task_id) == ["received", "failed"]
+        final = [e for e in events if e["task_id"] == task_id][-1]
+        assert message in final["message"], final
 
 
 def test_run_script_disabled_by_config(tmp_path):

@@ -1,6 +1,7 @@
-"""UpdateSBSInfo (handlers/sbs.py): names, bytes, atomicity, collisions,
-confirmation, warnings, wake command, failures -- on real files in tmp folders,
-plus the whole chain on loopback and ``dsagent run-task``."""
+"""UpdateSBSInfo (handlers/sbs.py and its drop, handlers/shared/sbsdrop.py):
+names, bytes, atomicity, collisions, confirmation, warnings, wake command,
+failures -- on real files in tmp folders, plus the whole chain on loopback
+and ``dsagent run-task``."""
 
 import errno
 import hashlib
@@ -23,9 +24,12 @@ import pytest
 
 from agent.common.errors import BadParameters, TaskFailed
 from agent.common.task import Task
+from agent.plugin.manager import load_handlers
 from agent.plugin.tasks import TaskContext
+from conftest import wait_until
 from handlers import sbs
-from handlers.sbs import SBSError, write_sbs_file
+from handlers.shared import sbsdrop
+from handlers.shared.sbsdrop import SBSError, write_sbs_file
 
 REPO = Path(__file__).resolve().parent.parent
 UUID_NAME = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.sbs")
@@ -56,8 +60,12 @@ def task_of(params, timeout=None):
     return Task(str(uuid.uuid4()), "UpdateSBSInfo", dict(params), timeout)
 
 
+REGISTRY = load_handlers(entry_points=False, extra_plugins=[("sbs", sbs)])
+
+
 class Run:
-    """Validate + run one task in this process, like a worker does."""
+    """Validate (the core's parameter check, then the hook) + run one task in
+    this process, like a worker does."""
 
     def __init__(self, sbs_dir, wake=None):
         self.config = {"sbs_dir": str(sbs_dir), "sbs_wake_command": wake}
@@ -65,7 +73,7 @@ class Run:
 
     def __call__(self, params, timeout=None):
         task = task_of(params, timeout)
-        sbs.dsagent_validate_task(task=task, config=self.config)
+        REGISTRY.validate(task, self.config)
         ctx = TaskContext(task, self.config,
                           lambda pct, msg, details: self.progress.append((pct, msg)),
                           logging.LoggerAdapter(logging.getLogger("test.sbs"), {}))
@@ -91,16 +99,16 @@ def test_every_kind_names_and_bytes(sbs_dir, kind, payload):
 
 def test_random_names_are_random():
     for kind in ("clients", "images", "update"):
-        names = {sbs.make_name(kind) for _ in range(2000)}
+        names = {sbsdrop.make_name(kind) for _ in range(2000)}
         assert len(names) == 2000
         assert all(PATTERNS[kind].fullmatch(n) for n in names)
-    digits = "".join(sbs.make_name("clients")[:10] for _ in range(2000))
+    digits = "".join(sbsdrop.make_name("clients")[:10] for _ in range(2000))
     assert set(digits) == set("0123456789")
 
 
 def test_names_never_come_from_parameters(sbs_dir):
     for kind in ("../evil", "/etc/passwd", "update/../../x", "UPDATE", ""):
-        with pytest.raises(BadParameters, match="'kind' must be one of"):
+        with pytest.raises(BadParameters, match="'kind' (must match|is empty)"):
             Run(sbs_dir)({"kind": kind, "payload": "x"})
     assert listing(sbs_dir) == []
 
@@ -116,7 +124,7 @@ def test_file_mode_and_no_tmp_name_ending_in_sbs(sbs_dir, monkeypatch):
     monkeypatch.setattr(os, "open", spy)
     written = write_sbs_file(str(sbs_dir), "update", "x")
     tmp_names = [n for n in seen if n.startswith(".dsagent.")]
-    assert len(tmp_names) == 1 and sbs.TMP_RE.fullmatch(tmp_names[0])
+    assert len(tmp_names) == 1 and sbsdrop.TMP_RE.fullmatch(tmp_names[0])
     assert not tmp_names[0].lower().endswith(".sbs")
     assert oct(os.stat(written.path).st_mode & 0o777) == oct(0o644 & ~_umask())
 
@@ -173,7 +181,7 @@ def test_200_concurrent_writes_give_200_distinct_files(sbs_dir):
 def test_taken_random_name_gets_a_new_one(sbs_dir, monkeypatch):
     (sbs_dir / "1234567890-client.sbs").write_text("someone else's")
     names = iter(["1234567890-client.sbs", "1234567890-client.sbs", "2222222222-client.sbs"])
-    monkeypatch.setattr(sbs, "make_name", lambda kind: next(names))
+    monkeypatch.setattr(sbsdrop, "make_name", lambda kind: next(names))
     written = write_sbs_file(str(sbs_dir), "clients", "mine")
     assert written.name == "2222222222-client.sbs"
     assert (sbs_dir / "1234567890-client.sbs").read_text() == "someone else's"
@@ -183,7 +191,7 @@ def test_taken_random_name_gets_a_new_one(sbs_dir, monkeypatch):
 
 def test_no_free_random_name_fails_cleanly(sbs_dir, monkeypatch):
     (sbs_dir / "1234567890-image.sbs").write_text("old")
-    monkeypatch.setattr(sbs, "make_name", lambda kind: "1234567890-image.sbs")
+    monkeypatch.setattr(sbsdrop, "make_name", lambda kind: "1234567890-image.sbs")
     with pytest.raises(SBSError, match="no free name"):
         write_sbs_file(str(sbs_dir), "images", "new")
     assert listing(sbs_dir) == ["1234567890-image.sbs"]
@@ -239,7 +247,7 @@ def test_concurrent_fixed_name_writes_are_delivered_in_turn(sbs_dir):
                 if entry.endswith(".sbs"):
                     moved.append((sbs_dir / entry).read_text())
                     os.rename(sbs_dir / entry, store / f"{len(moved)}-{entry}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # a stand-in service polling its folder, not a wait
 
     thread = threading.Thread(target=interface)
     thread.start()
@@ -247,9 +255,7 @@ def test_concurrent_fixed_name_writes_are_delivered_in_turn(sbs_dir):
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: write_sbs_file(str(sbs_dir), "predefined", f"list {i}",
                                                    fixed_wait_s=5), range(4)))
-        deadline = time.monotonic() + 5
-        while len(moved) < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(moved) >= 4, 5, "the Interface to move all four files")
     finally:
         stop.set()
         thread.join()
@@ -258,7 +264,7 @@ def test_concurrent_fixed_name_writes_are_delivered_in_turn(sbs_dir):
 
 
 def test_fixed_name_collision_through_the_handler_wakes_and_fails(sbs_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(sbs, "FIXED_NAME_WAIT_S", 0.2)
+    monkeypatch.setattr(sbsdrop, "FIXED_NAME_WAIT_S", 0.2)
     (sbs_dir / "PredefinedComputers.sbs").write_text("old")
     argv_file = tmp_path / "argv.txt"
     run = Run(sbs_dir, wake=f"{wake_script(tmp_path)} {argv_file}")
@@ -286,7 +292,7 @@ class Interface(threading.Thread):
             for entry in os.listdir(self.sbs_dir):
                 if entry.endswith(".sbs"):
                     os.rename(self.sbs_dir / entry, self.store / entry)
-            time.sleep(0.01)
+            time.sleep(0.01)  # a stand-in service polling its folder, not a wait
 
     def __enter__(self):
         self.start()
@@ -361,7 +367,7 @@ def test_orphaned_temporary_files_are_swept(sbs_dir):
         path.write_text("partial")
     for path in (orphan, mine, other):
         os.utime(path, (old, old))
-    sbs.waiting_files(str(sbs_dir), "", fresh=True)
+    sbsdrop.waiting_files(str(sbs_dir), "", fresh=True)
     assert listing(sbs_dir) == sorted(p.name for p in (young, mine, other))
 
 
@@ -403,7 +409,7 @@ def test_failing_wake_command_is_a_warning(sbs_dir, command, expected):
 
 
 def test_hanging_wake_command_is_killed(sbs_dir, monkeypatch):
-    monkeypatch.setattr(sbs, "WAKE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(sbsdrop, "WAKE_TIMEOUT_S", 0.3)
     t0 = time.monotonic()
     details = Run(sbs_dir, wake="/bin/sh -c 'sleep 30' wake")({"kind": "update", "payload": "x"})
     assert time.monotonic() - t0 < 3
@@ -413,9 +419,9 @@ def test_hanging_wake_command_is_killed(sbs_dir, monkeypatch):
 # ---- bad inputs ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("params,message", [
-    ({"payload": "x"}, "parameter 'kind' must be one of initial-config, clients, images, "
-                       "predefined, update (missing)"),
-    ({"kind": "client", "payload": "x"}, "parameter 'kind' must be one of"),
+    ({"payload": "x"}, "parameter 'kind' is missing"),
+    ({"kind": "client", "payload": "x"}, "parameter 'kind' must match initial-config|clients|"
+                                         "images|predefined|update, got 'client'"),
     ({"kind": "update"}, "parameter 'payload' is missing"),
     ({"kind": "update", "payload": "x", "confirm_s": "abc"}, "'confirm_s' must be a number"),
     ({"kind": "update", "payload": "x", "confirm_s": "-1"}, "'confirm_s' must be a number"),
@@ -425,7 +431,8 @@ def test_hanging_wake_command_is_killed(sbs_dir, monkeypatch):
     ({"kind": "update", "payload": "x", "confirm_s": ""}, "'confirm_s' must be a number"),
     ({"kind": "update", "payload": "x", "confirm_s": "300"},
      "'confirm_s' (300 s) must be shorter than the task's timeout (300 s)"),
-    ({"kind": "update", "payload": "x", "file": "a.sbs"}, "unknown parameter 'file'"),
+    ({"kind": "update", "payload": "x", "file": "a.sbs"},
+     "unknown parameter 'file' (UpdateSBSInfo takes kind, payload, confirm_s)"),
     ({"kind": "update", "payload": "bad \udc80 text"}, "'payload' cannot be written as UTF-8"),
 ])
 def test_bad_parameters(sbs_dir, params, message):
@@ -543,7 +550,7 @@ def test_no_hard_links_and_no_rename_noreplace_fails_clearly(sbs_dir, monkeypatc
         return -1
 
     monkeypatch.setattr(os, "link", _fail_with(errno.EOPNOTSUPP))
-    monkeypatch.setattr(sbs, "_renameat2", renameat2)
+    monkeypatch.setattr(sbsdrop, "_renameat2", renameat2)
     with pytest.raises(SBSError, match="supports neither hard links nor RENAME_NOREPLACE"):
         write_sbs_file(str(sbs_dir), "update", "x")
     monkeypatch.undo()
@@ -557,7 +564,7 @@ def test_temporary_file_not_removable_after_linking_is_a_warning(sbs_dir, monkey
     assert "could not be removed from the SBS folder" in written.warning
     assert (sbs_dir / written.name).read_text() == "delivered"
     leftovers = [n for n in listing(sbs_dir) if n != written.name]
-    assert len(leftovers) == 1 and sbs.TMP_RE.fullmatch(leftovers[0])
+    assert len(leftovers) == 1 and sbsdrop.TMP_RE.fullmatch(leftovers[0])
 
 
 # real file systems: a full tmpfs, a read-only bind mount, an unprivileged writer

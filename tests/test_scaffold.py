@@ -16,9 +16,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from agent.tools.scaffold import distribution_name, module_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DSAGENT = [sys.executable, "-m", "agent"]
@@ -31,13 +34,32 @@ def new_handler(*args, cwd):
                           cwd=cwd, timeout=60)
 
 
+@pytest.mark.parametrize("name, module, dist", [
+    ("acme-inventory", "acme_inventory", "acme-inventory"),
+    ("acme_inventory", "acme_inventory", "acme-inventory"),
+    ("Acme.Inventory", "acme_inventory", "acme-inventory"),
+    ("acme--inv_.x2", "acme_inv_x2", "acme-inv-x2"),
+    ("a", "a", "a"),
+])
+def test_name_maps_to_module_and_distribution(name, module, dist):
+    assert module_name(name) == module
+    assert distribution_name(name) == dist
+
+
 @pytest.mark.parametrize("name, error", [
-    ("My-pkg", "is not a valid Python package name"),
-    ("1abc", "is not a valid Python package name"),
-    ("class", "is a Python keyword"),
-    ("json", "would shadow the standard library module 'json'"),
-    ("pluggy", "would shadow the installed module 'pluggy'"),
+    ("My pkg", "NAME 'My pkg' has ' ', which a distribution name cannot hold"),
+    ("acme/inv", "has '/'"),
+    ("acmé", "has 'é'"),
+    ("1abc", "NAME '1abc' must start with a letter"),
+    (".abc", "must start with a letter"),
+    ("acme-", "NAME 'acme-' must end with a letter or a digit"),
+    ("class", "NAME 'class' is a Python keyword"),
+    ("Class", "NAME 'Class' maps to module 'class', which is a Python keyword"),
+    ("json", "NAME 'json' would shadow the standard library module 'json'"),
+    ("Json", "maps to module 'json', which would shadow the standard library module 'json'"),
+    ("pluggy", "NAME 'pluggy' would shadow the installed module 'pluggy'"),
     ("tests", "reserved for the package's test folder"),
+    ("x" * 65, "is longer than 64 characters"),
 ])
 def test_bad_name_is_refused_and_nothing_written(tmp_path, name, error):
     result = new_handler(name, "--dir", str(tmp_path), cwd=tmp_path)
@@ -57,19 +79,25 @@ def test_existing_folder_bad_or_taken_task_type_are_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["acme"]
 
 
-def test_default_task_type_and_files(tmp_path):
-    made = new_handler("acme_inventory", cwd=tmp_path)
+@pytest.mark.parametrize("name", ["acme_inventory", "acme-inventory", "Acme.Inventory"])
+def test_default_task_type_and_files(tmp_path, name):
+    """The folder is NAME; distribution acme-inventory, module acme_inventory."""
+    made = new_handler(name, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    package = tmp_path / "acme_inventory"
-    assert sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file()) == [
+    project = tmp_path / name
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()) == [
         "README.md", "acme_inventory/__init__.py", "acme_inventory/handler.py",
         "pyproject.toml", "tests/test_handler.py"]
-    assert 'TASK_TYPE = "AcmeInventory"' in (package / "acme_inventory" / "handler.py").read_text()
-    assert 'acme_inventory = "acme_inventory.handler"' in (package / "pyproject.toml").read_text()
+    assert 'TASK_TYPE = "AcmeInventory"' in (project / "acme_inventory" / "handler.py").read_text()
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == "acme-inventory"
+    assert pyproject["project"]["entry-points"]["dsagent.handlers"] == {
+        "acme_inventory": "acme_inventory.handler"}
+    assert pyproject["tool"]["setuptools"]["packages"] == ["acme_inventory"]
     umask = os.umask(0)
     os.umask(umask)
-    assert package.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
-    assert [p.name for p in tmp_path.iterdir()] == ["acme_inventory"]  # no staging left over
+    assert project.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir, not mkdtemp's 0700
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no staging left over
 
 
 def make_fresh_venv(root: Path) -> Path:
@@ -123,12 +151,16 @@ def test_generated_package_installs_and_passes_its_test_in_a_fresh_venv(tmp_path
 
     work = tmp_path / "work"
     work.mkdir()
-    made = subprocess.run([bin_dir / "dsagent", "new-handler", "acme_inventory",
+    made = subprocess.run([bin_dir / "dsagent", "new-handler", "acme-inventory",
                            "--task-type", "Acme.Inventory"],
                           capture_output=True, text=True, cwd=work, env=clean_env(), timeout=60)
     assert made.returncode == 0, made.stderr
-    package = work / "acme_inventory"
+    package = work / "acme-inventory"
     pip_install(python, "--no-index", "--no-build-isolation", str(package))
+    version = subprocess.run([python, "-c", "import importlib.metadata as m; "
+                              "print(m.version('acme-inventory'))"],
+                             capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    assert version.stdout.strip() == "0.1.0", version
 
     tested = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
                             capture_output=True, text=True, cwd=package, env=clean_env(),

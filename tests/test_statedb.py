@@ -1,13 +1,19 @@
-"""The state DB + outbox: state machine, group commit, resend, recovery."""
+"""The state DB + outbox: state machine, group commit, resend, recovery,
+prune, the read-only summary, and the outbox's SQL in one place."""
 
+import json
+import re
+import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
+from agent.common.errors import DsagentError
 from agent.common.events import TransitionError
-from agent.cta.statedb import AgentDB, Change
 from agent.common.task import Task
-from ctdataloader.outbox import Outbox
+from agent.cta.taskdb import AgentDB, Change
+from ctdataloader.outbox import Outbox, Summary, summary
 
 
 @pytest.fixture
@@ -37,7 +43,7 @@ def test_outbox_order_delete_and_terminal_resend(db, tmp_path):
     batch = outbox.batch()
     assert [e["state"] for e in batch] == ["received", "failed"]
     assert outbox.delete([e["event_id"] for e in batch]) == 2
-    assert outbox.depth()[0] == 0
+    assert outbox.depth().waiting == 0
     assert db.resend_terminal("t1") is True
     assert db.resend_terminal("t1") is False  # already waiting
     [again] = outbox.batch()
@@ -93,3 +99,66 @@ def test_unfinished_survives_reopen(tmp_path):
     assert unfinished["queued"][1].parameters == {"script": "true"}
     assert unfinished["started"][0] == "running"
     second.close()
+
+
+def test_prune_forgets_old_finished_tasks_none_of_whose_events_wait(db):
+    for tid in ("sent", "waiting", "open"):
+        db.record(tid, "received", type_name="X")
+    db.record("sent", "running")
+    db.record("sent", "succeeded")
+    db.record("waiting", "failed")
+    outbox = Outbox(db.path)
+    outbox.delete([e["event_id"] for e in outbox.batch() if e["task_id"] != "waiting"])
+    outbox.close()
+    assert db.prune(older_than_s=3600) == 0          # finished, but not long ago
+    assert db.prune(older_than_s=-1) == 1
+    assert db.state_of("sent") is None
+    assert db.state_of("waiting") == "failed" and db.state_of("open") == "received"
+    assert db.resend_terminal("waiting") is False     # its terminal event still waits
+
+
+def test_summary_reads_the_outbox_while_the_agent_holds_it(db, tmp_path):
+    with pytest.raises(DsagentError, match="no state DB at"):
+        summary(tmp_path / "elsewhere")
+    assert summary(tmp_path) == Summary(0, None, 0)
+    event = db.record("t1", "received", type_name="X")
+    db.record("t1", "running")
+    box = summary(tmp_path)
+    assert box.waiting == 2 and 0 <= box.oldest_s < 60
+    assert box.body_bytes > len(json.dumps(event)) > 0
+    outbox = Outbox(db.path)
+    assert (outbox.depth().waiting, outbox.depth().body_bytes) == (2, 0)  # no sizes: cheap
+    outbox.close()
+
+
+def test_the_state_db_file_keeps_its_tables_and_columns(db):
+    """An existing dsagent.db must keep working: same tables, same columns."""
+    conn = sqlite3.connect(db.path)
+    try:
+        columns = {table: [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+                   for (table,) in conn.execute(
+                       "SELECT name FROM sqlite_master WHERE type='table' "
+                       "AND name NOT LIKE 'sqlite_%'")}
+    finally:
+        conn.close()
+    assert columns == {
+        "tasks": ["task_id", "type", "task_json", "state", "next_seq", "terminal_event",
+                  "updated_at"],
+        "outbox": ["id", "event_id", "task_id", "body", "created_at"]}
+
+
+OUTBOX_SQL = re.compile(r"\b(FROM|INTO|UPDATE|TABLE[^,]*?)\s+outbox\b", re.IGNORECASE)
+
+
+def test_no_sql_on_the_outbox_outside_ctdataloader():
+    """ctdataloader/outbox.py owns the outbox table: every statement on it is
+    there (the shipped code and the benches; tests may poke at the file)."""
+    root = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+             for top in ("agent", "handlers", "objecthost", "taskserver", "ctdataloader", "bench")
+             for path in sorted((root / top).rglob("*.py"))
+             if path.relative_to(root) != Path("ctdataloader/outbox.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if OUTBOX_SQL.search(line)]
+    assert found == []
+    assert OUTBOX_SQL.search((root / "ctdataloader" / "outbox.py").read_text())  # sees SQL

@@ -11,6 +11,7 @@ import time
 from agent.tools.status import _process, human_age
 from agent.common.statusfile import StatusFile, read_all
 from agent.common.tickle import exchange_line, make_tickle
+from conftest import wait_until
 from taskserver.loopback import LoopbackChain
 
 PY = sys.executable
@@ -23,13 +24,12 @@ def status(chain):
 
 
 def wait_status(chain, predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
+    def holds():
         code, facts = status(chain)
-        if predicate(facts):
-            return code, facts
-        assert time.monotonic() < deadline, json.dumps(facts, indent=1)
-        time.sleep(0.2)
+        assert predicate(facts), json.dumps(facts, indent=1)
+        return code, facts
+
+    return wait_until(holds, timeout, "the status the test expects", interval=0.2)
 
 
 def test_status_of_a_running_agent(tmp_path):
@@ -39,7 +39,8 @@ def test_status_of_a_running_agent(tmp_path):
         forged = make_tickle(chain.client_id, bytes(32))
         assert exchange_line("127.0.0.1", chain.objecthost_port, forged) == "ERR bad-signature"
         code, facts = wait_status(chain, lambda f: f["tasks"].get("running")
-                                  and f["tickles"].get("last_refused"))
+                                  and f["tickles"].get("last_refused")
+                                  and f["server"]["last_contact_s"] is not None)
         assert code == 0 and facts["running"]
         for name in ("dsagent", "objecthost", "cta", "ctdataloader"):
             proc = facts["processes"][name]
@@ -85,7 +86,8 @@ def test_status_files_are_coalesced_and_torn_files_skipped(tmp_path):
     for n in range(1000):
         published.update(n=n)
     published.count("tickles")
-    time.sleep(0.5)                                    # the pending write carries the last values
+    # the pending write carries the last values
+    wait_until(lambda: read_all(tmp_path)["cta"].get("tickles"), 5, "the pending write")
     facts = read_all(tmp_path)["cta"]
     assert facts["n"] == 999 and facts["tickles"] == 1 and facts["pid"] == os.getpid()
     (tmp_path / "status" / "torn.json").write_text('{"pid": 12')

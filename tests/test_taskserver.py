@@ -22,7 +22,7 @@ import xmltodict
 
 from agent.common.config import load_config
 from agent.common.tickle import ReplayCache, check_tickle
-from taskserver import TaskServer, TaskStore, TickleFailed
+from taskserver import TaskStore, TickleFailed
 from taskserver.store import InvalidRequest, RegistrationRefused
 
 ROOT = Path(__file__).resolve().parents[1]

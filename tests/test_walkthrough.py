@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
+import pytest
+
+from conftest import listening, wait_until
 from packaged import ROOT, needs_dpkg
 from taskserver.loopback import free_port
 
@@ -171,18 +172,14 @@ def test_walkthrough(built, root, tmp_path):
 def wait_listening(agent, output: Path, *ports: int) -> None:
     """Until the objecthost and the CTA accept connections (a tickle sent
     earlier would wake no CTA and the task would wait for the poll)."""
-    deadline = time.monotonic() + WAIT_S
-    for port in ports:
-        while True:
-            assert agent.poll() is None, f"dsagent run exited {agent.returncode}:\n" \
-                                         f"{output.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"nothing listens on {port}:\n" \
-                                                    f"{output.read_text()}"
-                time.sleep(0.1)
+    def up():
+        if agent.poll() is not None:
+            pytest.fail(f"dsagent run exited {agent.returncode}:\n{output.read_text()}")
+        for port in ports:
+            assert listening(port), f"nothing listens on {port}:\n{output.read_text()}"
+        return True
+
+    wait_until(up, WAIT_S, f"the agent to listen on {ports}")
 
 
 def run_task(ok, queue: str) -> dict:
@@ -190,10 +187,9 @@ def run_task(ok, queue: str) -> dict:
     done = ok(queue + " 2>&1")
     task, tickled = done.splitlines()[0], done.splitlines()[1:]
     assert tickled == ["dsagent-server: tickle answered OK"], done
-    deadline = time.monotonic() + WAIT_S
-    while True:
+    def ended():
         history = json.loads(ok(f"dsagent-server status --db {DB} --task {task} --json"))[0]
-        if history["state"] in TERMINAL:
-            return history
-        assert time.monotonic() < deadline, history
-        time.sleep(0.2)
+        assert history["state"] in TERMINAL, history
+        return history
+
+    return wait_until(ended, WAIT_S, f"task {task} to end", interval=0.2)

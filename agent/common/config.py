@@ -14,9 +14,9 @@ Extensions to §6 (documented in docs/config.md):
   its children (RLIMIT_AS; 0 = none), so a leaking handler fails alone.
 - ``[logging]``: ``dir`` (default ``<state_dir>/logs``), ``format`` of stderr
   (``text`` or ``json``), ``level``, ``max_bytes`` and ``backups`` of each
-  rotated file (see agent/logsetup.py).
+  rotated file (see agent/common/logsetup.py).
 - ``[trace] listen``: the remote trace stream (the seed's Remote Trace), off
-  when empty; see agent/trace.py.
+  when empty; see agent/tools/trace.py.
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
 (mode 0600) and used when the config itself has no token.
 """
@@ -38,44 +38,20 @@ DEFAULT_CONFIG_PATH = "/etc/dsagent/agent.toml"   # where the Debian package put
 
 # section -> key -> (type, default or REQUIRED)
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "agent": {
-        "server_url": (str, REQUIRED),
-        "state_dir": (str, REQUIRED),
-        "client_id": (str, None),
-        "token": (str, None),
-        "tickle_key": (str, None),
-        "enrollment_key": (str, None),
-    },
-    "objecthost": {
-        "listen": (str, "0.0.0.0:50122"),
-    },
-    "cta": {
-        "listen": (str, "127.0.0.1:50124"),
-        "poll_interval_s": (int, 300),
-        "max_concurrent_tasks": (int, 2),
-    },
-    "handlers": {
-        "sbs_dir": (str, None),
-        "image_store": (str, None),
-        "package_store": (str, None),
-        "preboot_store": (str, None),
-        "run_script": (bool, True),
-        "sbs_wake_command": (str, None),
-        "preboot_keep_versions": (int, 3),
-        "max_memory_mb": (int, 4096),
-    },
-    "logging": {
-        "dir": (str, ""),
-        "format": (str, "text"),
-        "level": (str, "INFO"),
-        "max_bytes": (int, 10 * 1024 * 1024),
-        "backups": (int, 5),
-    },
-    "trace": {
-        "listen": (str, ""),
-    },
+    "agent": {"server_url": (str, REQUIRED), "state_dir": (str, REQUIRED),
+              "client_id": (str, None), "token": (str, None),
+              "tickle_key": (str, None), "enrollment_key": (str, None)},
+    "objecthost": {"listen": (str, "0.0.0.0:50122")},
+    "cta": {"listen": (str, "127.0.0.1:50124"), "poll_interval_s": (int, 300),
+            "max_concurrent_tasks": (int, 2)},
+    "handlers": {"sbs_dir": (str, None), "image_store": (str, None),
+                 "package_store": (str, None), "preboot_store": (str, None),
+                 "run_script": (bool, True), "sbs_wake_command": (str, None),
+                 "preboot_keep_versions": (int, 3), "max_memory_mb": (int, 4096)},
+    "logging": {"dir": (str, ""), "format": (str, "text"), "level": (str, "INFO"),
+                "max_bytes": (int, 10 * 1024 * 1024), "backups": (int, 5)},
+    "trace": {"listen": (str, "")},
 }
-
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:port``); raise ConfigError if bad."""

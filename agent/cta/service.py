@@ -16,32 +16,33 @@ poll timer, pulls the pending tasks, records each new one durably as
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import selectors
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agent.common.config import Config, load_config, parse_hostport
+from agent.common.config import Config, parse_hostport
 from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
 from agent.common.events import TERMINAL
-from agent.common.logsetup import setup_logging, task_context
+from agent.common.logsetup import task_context
+from agent.common.process import start
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier
 from agent.cta.runner import execute
 from agent.common.serverapi import ServerAPI, is_loopback_host
-from agent.cta.statedb import AgentDB, Change, db_path
+from agent.common.statedb import db_path
+from agent.cta.taskdb import AgentDB, Change
 from agent.common.taskxml import MAX_DOCUMENT_BYTES, parse_client_tasks
 from agent.common.task import Task
 from agent.common.tickle import MAX_LINE, ReplayCache, check_wake, load_hop_key
 from agent.cta.workerpool import WorkerPool
+from ctdataloader.recorder import OutboxRecorder
 
 log = logging.getLogger("dsagent.cta")
 
@@ -49,45 +50,6 @@ SHUTDOWN_GRACE_S = 10.0
 TICKLE_PULL_GAP_S = 1.0   # while backing off, tickles still pull, at most once a second
 SKIPPED_LOG_LINES = 20   # per pulled document; the rest are counted
 PRUNE_AFTER_S = 7 * 24 * 3600
-
-
-class OutboxRecorder:
-    """Records events in the durable outbox, then wakes the uploader.
-
-    When the state DB cannot be written (disk full, I/O error), a progress
-    event is dropped with a warning, and any other event is retried with
-    backoff until it is on disk: the task waits (its outcome is kept in
-    memory) instead of being lost. Only ``stop`` (shutdown) ends the retries;
-    the next start then reports the task as interrupted.
-    """
-
-    RETRY_MAX_S = 30.0
-
-    def __init__(self, db: AgentDB, notifier: Notifier, stop: threading.Event | None = None):
-        self.db = db
-        self.notifier = notifier
-        self.stop = stop or threading.Event()
-
-    def record(self, task: Task, state: str, *, progress=None, message="", details=None):
-        delay = 1.0
-        while True:
-            try:
-                event = self.db.record(task.id, state, task=task if state == "received" else None,
-                                       type_name=task.type, progress=progress, message=message,
-                                       details=details)
-                break
-            except sqlite3.OperationalError as exc:
-                if state == "progress":
-                    log.warning("progress of task %s not recorded: %s", task.id, exc)
-                    return None
-                if self.stop.is_set():
-                    raise
-                log.error("cannot record %s of task %s: %s; retrying in %.0f s",
-                          state, task.id, exc, delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, self.RETRY_MAX_S)
-        self.notifier.notify()
-        return event
 
 
 class CTA:
@@ -383,14 +345,8 @@ class CTA:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsagent-cta")
-    parser.add_argument("--config", required=True)
-    args = parser.parse_args(argv)
-    setup_logging("cta")
     try:
-        config = load_config(args.config)
-        setup_logging("cta", config=config)  # and its workers, through the environment
-        cta = CTA(config)
+        cta = CTA(start("cta", argv))   # logging set up for its workers too
     except DsagentError as exc:
         log.error("%s", exc)
         return 2

@@ -1,4 +1,4 @@
-"""A reusable worker process that runs handler plugins (``python -m agent.worker``).
+"""A reusable worker process that runs handler plugins (``python -m agent.cta.worker``).
 
 The CTA keeps a few of these alive and hands them one task at a time, so no
 interpreter starts per task, and a handler that hangs, crashes or leaks is

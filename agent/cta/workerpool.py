@@ -29,7 +29,7 @@ class WorkerDied(Exception):
 
 
 class WorkerProcess:
-    """One ``python -m agent.worker`` child and its JSON-lines channel."""
+    """One ``python -m agent.cta.worker`` child and its JSON-lines channel."""
 
     def __init__(self):
         self.proc = subprocess.Popen(

@@ -20,6 +20,7 @@ agent's own business and may change without notice.
 """
 
 from agent.common.errors import BadParameters, DsagentError, TaskFailed, TaskRejected
+from agent.common.logsetup import task_context
 from agent.common.task import Task
 from agent.plugin.checks import CheckResult, DoctorCheck
 from agent.plugin.hookspecs import hookimpl
@@ -28,5 +29,5 @@ from agent.plugin.tasks import Param, TaskContext, TaskType
 
 __all__ = [
     "BadParameters", "CheckResult", "DoctorCheck", "DsagentError", "Param", "Progress",
-    "Task", "TaskContext", "TaskFailed", "TaskRejected", "TaskType", "hookimpl",
+    "Task", "TaskContext", "TaskFailed", "TaskRejected", "TaskType", "hookimpl", "task_context",
 ]

@@ -2,17 +2,19 @@
 
 A handler knows its own classic failures (an SBS folder nobody empties,
 driver packages not replicated yet, a full image store); it registers a
-``DoctorCheck`` and the doctor runs it after its own checks, with the
-[handlers] config section, and prints its ``CheckResult`` like any other.
-A check only reads (or probes and cleans up after itself).
+``DoctorCheck`` and the doctor runs it with the [handlers] config section
+and prints its ``CheckResult`` like any of its own checks. A check only
+reads (or probes and cleans up after itself).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 CHECK_STATUSES = ("ok", "warn", "fail", "skip")
+CHECK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")   # one word in the doctor's table
 
 
 @dataclass(frozen=True)
@@ -37,4 +39,11 @@ class DoctorCheck:
 
     name: str
     run: Callable[[dict[str, Any]], CheckResult]
-    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not CHECK_NAME.fullmatch(self.name):
+            raise ValueError(f"a doctor check's name is a letter or digit, then up to 63 "
+                             f"letters, digits, '.', '_' or '-', got {self.name!r}")
+        if not callable(self.run):
+            raise TypeError(f"doctor check {self.name!r}: run must be callable")
+

@@ -48,7 +48,7 @@ def dsagent_validate_task(task: "Task", config: dict[str, Any]) -> None:
     Called once per task, before the ``running`` state, with the [handlers]
     config section, after the core checked the declared ``parameters``:
     check here only what a ``Param`` cannot say (a folder that must exist,
-    a combination of values). Raise :class:`agent.errors.BadParameters` with a message
+    a combination of values). Raise :class:`agent.plugin.BadParameters` with a message
     naming the parameter to refuse it (the task goes received -> failed).
     Returns nothing.
     """
@@ -62,7 +62,7 @@ def dsagent_run_task(task: "Task", ctx: "TaskContext") -> dict[str, Any] | None:
     ``ctx.progress(percent, message, **details)``. Return a JSON-able dict of
     details (or None) for ``succeeded`` (a ``warning`` key in it also becomes
     the succeeded event's message); raise
-    :class:`agent.errors.TaskFailed` to fail with a message and details. Any
+    :class:`agent.plugin.TaskFailed` to fail with a message and details. Any
     other exception fails the task and is logged with its traceback.
     """
 
@@ -87,7 +87,7 @@ def dsagent_doctor_checks(register: Callable[["DoctorCheck"], None]) -> None:
     Called once per ``dsagent doctor`` run, after the plugin manager is
     built. Call ``register(DoctorCheck(name=..., run=...))`` for each check;
     ``run(config)`` gets the [handlers] config section and returns a
-    :class:`agent.plugin.CheckResult`. A check name registered twice, or a
-    check that raises, is reported as a failed check naming the plugin.
-    Returns nothing.
+    :class:`agent.plugin.CheckResult`. A check name registered twice (or
+    one of the doctor's own), or a check that raises or returns anything
+    else, is reported as a failed check naming the plugin. Returns nothing.
     """

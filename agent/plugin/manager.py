@@ -59,20 +59,24 @@ class HandlerRegistry:
             message += "; plugins that failed to load: " + ", ".join(sorted(self.broken))
         raise TaskRejected(message)
 
-    def _caller(self, hook_name: str, plugin: str):
+    def hook_of(self, hook_name: str, plugin: str):
+        """``hook_name`` as implemented by ``plugin`` alone (the other
+        plugins' implementations are left out)."""
         others = [p for name, p in self.pm.list_name_plugin() if name != plugin]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
     def validate(self, task: Task, config: dict[str, Any]) -> None:
-        self._caller("dsagent_validate_task", self.lookup(task.type).plugin)(
-            task=task, config=config)
+        """The declared parameters first (one wording for every handler), then the plugin's hook."""
+        registered = self.lookup(task.type)
+        registered.task_type.check_parameters(task.parameters)
+        self.hook_of("dsagent_validate_task", registered.plugin)(task=task, config=config)
 
     def run(self, task: Task, ctx: TaskContext) -> dict[str, Any] | None:
-        return self._caller("dsagent_run_task", self.lookup(task.type).plugin)(
+        return self.hook_of("dsagent_run_task", self.lookup(task.type).plugin)(
             task=task, ctx=ctx)
 
     def cancel(self, task: Task) -> None:
-        self._caller("dsagent_cancel_task", self.lookup(task.type).plugin)(task=task)
+        self.hook_of("dsagent_cancel_task", self.lookup(task.type).plugin)(task=task)
 
     def timeout_for(self, task: Task) -> int:
         return task.timeout or self.lookup(task.type).task_type.default_timeout
@@ -122,11 +126,8 @@ def _collect_types(registry: HandlerRegistry, versions: dict[str, str]) -> None:
     pm = registry.pm
     for name, plugin in list(pm.list_name_plugin()):
         declared: list[TaskType] = []
-        caller = pm.subset_hook_caller(
-            "dsagent_task_types",
-            remove_plugins=[p for n, p in pm.list_name_plugin() if n != name])
         try:
-            caller(register=declared.append)
+            registry.hook_of("dsagent_task_types", name)(register=declared.append)
             for task_type in declared:
                 if not isinstance(task_type, TaskType):
                     raise TypeError(f"register() expects a TaskType, got {task_type!r}")

@@ -6,7 +6,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from agent.common.errors import BadParameters
@@ -15,15 +15,16 @@ from agent.common.task import Task
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter a task type takes; the core checks it before the
-    handler's ``dsagent_validate_task`` runs, with the same words for every
-    handler.
+    """One parameter a task type takes. The core checks it before the
+    handler's ``dsagent_validate_task`` runs, so every handler refuses a bad
+    parameter in the same words.
 
-    ``required``: the task must carry it. ``pattern``: a regular expression
-    the whole text must match (``re.fullmatch``); without one, a required
-    parameter must not be empty. ``type``: ``text`` (anything), ``int``
-    (ASCII digits, optional minus), ``number`` (a decimal number) or
-    ``path`` (an absolute path without NUL or newline).
+    ``required``: the task must carry it, and not empty (nor only blanks)
+    unless ``allow_empty``. ``type``: ``text`` (anything), ``int`` (a whole
+    number), ``number`` (a decimal number, as ``float()`` reads it, not
+    inf/nan) or ``path`` (an absolute path without NUL or newline).
+    ``pattern``: a regular expression the whole value must match
+    (``re.fullmatch``). ``description`` shows in ``dsagent handlers``.
     """
 
     name: str
@@ -31,6 +32,7 @@ class Param:
     type: str = "text"
     pattern: str | None = None
     description: str = ""
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -41,15 +43,41 @@ class Param:
 
     def describe(self) -> str:
         """One line for ``dsagent handlers``."""
-        shape = self.type if self.pattern is None else f"{self.type} matching {self.pattern}"
-        return (f"{self.name} ({'required' if self.required else 'optional'}, {shape})"
+        shape = ["required" if self.required else "optional"]
+        if self.type != "text" or self.pattern is None:
+            shape.append(self.type)
+        if self.pattern is not None:
+            shape.append(f"matching {self.pattern}")
+        if self.allow_empty:
+            shape.append("may be empty")
+        return (f"{self.name} ({', '.join(shape)})"
                 + (f": {self.description}" if self.description else ""))
 
+    def check(self, value: str | None) -> None:
+        """Raise BadParameters if ``value`` (None: not given) does not fit."""
+        if value is None:
+            if self.required:
+                raise BadParameters(f"parameter '{self.name}' is missing")
+            return
+        if not value.strip():
+            if self.allow_empty:
+                return
+            if self.required:
+                raise BadParameters(f"parameter '{self.name}' is empty")
+        regex, what = PARAM_TYPES[self.type]
+        if not re.fullmatch(regex, value):
+            raise BadParameters(f"parameter '{self.name}' must be {what}, got {value!r}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise BadParameters(f"parameter '{self.name}' must match {self.pattern}, "
+                                f"got {value!r}")
 
+
+# type -> (what its value must fullmatch, how a refusal names it); blanks around
+# numbers are allowed because int() and float() read them
 PARAM_TYPES = {
     "text": (r"(?s).*", "text"),
-    "int": (r"-?[0-9]+", "a whole number"),
-    "number": (r"-?[0-9]+(\.[0-9]+)?", "a number"),
+    "int": (r"\s*[-+]?[0-9]+\s*", "a whole number"),
+    "number": (r"\s*[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?\s*", "a number"),
     "path": (r"/[^\x00\n]*", "an absolute path"),
 }
 
@@ -58,9 +86,10 @@ PARAM_TYPES = {
 class TaskType:
     """A task type a plugin serves (registered via ``dsagent_task_types``).
 
-    ``parameters``: the parameters it takes. ``None`` (the default) leaves
-    every check to the handler; a tuple (even empty) makes the core refuse
-    unknown, missing and malformed parameters before the handler is asked.
+    ``parameters``: the parameters it takes. ``None`` (the default, as
+    handlers written before ``Param`` existed) leaves every check to the
+    handler; a tuple (even empty) makes the core refuse unknown, missing and
+    malformed parameters before the handler is asked.
     """
 
     name: str
@@ -68,29 +97,28 @@ class TaskType:
     description: str = ""
     parameters: tuple[Param, ...] | None = None
 
+    def __post_init__(self) -> None:
+        if self.parameters is None:
+            return
+        params = tuple(self.parameters)
+        if not all(isinstance(p, Param) for p in params):
+            raise TypeError(f"task type '{self.name}': parameters must be Param objects")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task type '{self.name}': a parameter is declared twice ({names})")
+        object.__setattr__(self, "parameters", params)  # a list given is kept as a tuple
+
     def check_parameters(self, parameters: dict[str, str]) -> None:
         """Raise BadParameters naming the first unknown, missing or malformed parameter."""
         if self.parameters is None:
             return
-        known = {p.name: p for p in self.parameters}
+        known = [p.name for p in self.parameters]
         unknown = sorted(set(parameters) - set(known))
         if unknown:
             takes = ", ".join(known) or "no parameters"
             raise BadParameters(f"unknown parameter '{unknown[0]}' ({self.name} takes {takes})")
         for param in self.parameters:
-            value = parameters.get(param.name)
-            if value is None:
-                if param.required:
-                    raise BadParameters(f"parameter '{param.name}' is missing")
-                continue
-            if value == "" and param.required and param.pattern is None:
-                raise BadParameters(f"parameter '{param.name}' is empty")
-            regex, what = PARAM_TYPES[param.type]
-            if not re.fullmatch(regex, value, re.ASCII):
-                raise BadParameters(f"parameter '{param.name}' must be {what}, got {value!r}")
-            if param.pattern is not None and not re.fullmatch(param.pattern, value):
-                raise BadParameters(f"parameter '{param.name}' must match {param.pattern}, "
-                                    f"got {value!r}")
+            param.check(parameters.get(param.name))
 
 
 class TaskContext:

@@ -34,12 +34,24 @@ def _cmd_handlers(args) -> int:
 
     setup_logging("dsagent", level="WARNING")
     registry = load_handlers()
+    registered = sorted(registry.types.items())
     rows = [(name, reg.plugin, reg.version, reg.task_type.default_timeout,
-             reg.task_type.description) for name, reg in sorted(registry.types.items())]
+             reg.task_type.description) for name, reg in registered]
     header = ("TASK TYPE", "PLUGIN", "VERSION", "TIMEOUT", "DESCRIPTION")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[4]))
+    def line(row) -> str:
+        return "  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + str(row[4])
+
+    print(line(header))
+    for row, (_, reg) in zip(rows, registered):
+        print(line(row))
+        declared = reg.task_type.parameters
+        if declared is None:  # a handler written before Param checks them itself
+            print("    parameters checked by the handler")
+        elif not declared:
+            print("    no parameters")
+        for param in declared or ():
+            print(f"    {param.describe()}")
     for plugin, error in sorted(registry.broken.items()):
         print(f"BROKEN plugin {plugin}: {error}")
     for name, plugins in sorted(registry.conflicts.items()):
@@ -158,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_task.add_argument("-v", "--verbose", action="store_true", help="show handler logs")
     run_task.set_defaults(func=_cmd_run_task)
 
-    handlers = sub.add_parser("handlers", help="installed task types, plugin and version")
+    handlers = sub.add_parser("handlers", help="installed task types: plugin, version, parameters")
     handlers.set_defaults(func=_cmd_handlers)
 
     tickle = sub.add_parser("tickle", help="send a signed tickle")
@@ -193,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=_cmd_trace)
 
     new_handler = sub.add_parser("new-handler", help="write a ready handler package (with a test)")
-    new_handler.add_argument("name", metavar="NAME", help="its Python package name, e.g. acme_inventory")
+    new_handler.add_argument("name", metavar="NAME", help="its distribution name, e.g. "
+                             "acme-inventory (module acme_inventory)")
     new_handler.add_argument("--dir", default=".", help="where to create NAME/ (default: here)")
-    new_handler.add_argument("--task-type", help="the task type it serves (default: NAME in CamelCase)")
+    new_handler.add_argument("--task-type",
+                             help="the task type it serves (default: the module name in CamelCase)")
     new_handler.set_defaults(func=_cmd_new_handler)
 
     doctor = sub.add_parser("doctor", help="check the seed's classic failures; say what to do")

@@ -3,10 +3,11 @@
 Each check gives ok, warn, fail or skip (not configured here), a one-line
 finding naming the file, port, package or process, and a one-line action.
 The exit status is 0 when no check failed (warnings do not fail: they are
-things to look at, like a store nearly full), 1 otherwise. Checks only
-read, except the image store's probe file (created, fsync'ed, removed) and
-the SBS folder scan, which removes temporary files of dead workers as the
-UpdateSBSInfo handler does. docs/troubleshooting.md lists the checks.
+things to look at, like a store nearly full), 1 otherwise. Handler plugins
+add their own checks (hook ``dsagent_doctor_checks``): the doctor imports no
+handler, it runs what they register with the [handlers] section. Checks only
+read (a plugin's check may probe and clean up after itself, as the image
+store's does). docs/troubleshooting.md lists the checks.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import email.utils
 import errno
 import json
+import logging
 import os
-import shutil
 import socket
 import stat
 import sys
@@ -28,18 +29,18 @@ import psutil
 
 from agent.common.config import Config, _check_mode, load_config, parse_hostport
 from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError
+from agent.plugin import CheckResult, DoctorCheck
+from agent.plugin.manager import HandlerRegistry, load_handlers
 from agent.tools.progressbar import ProgressBar
 from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
-from agent.tools.status import format_peer, human_age, read_state_db
+from agent.tools.status import format_peer, human_age
 from agent.common.statusfile import read_all
 from agent.supervisor import CHILDREN
 from agent.common.taskxml import parse_client_tasks
+from ctdataloader.outbox import summary as outbox_summary
 
 SKEW_FAIL_S = 300          # PROTOCOL.md §2: a tickle more than 300 s off is refused (stale)
 SKEW_WARN_S = 60
-LOW_FREE_FRACTION = 0.10   # the image store warns under 10 % free ...
-LOW_FREE_BYTES = 4 << 30   # ... or under 4 GiB free
-PROBE_BYTES = 4096
 TASKS_LIMIT = 16 << 20
 SERVER_TIMEOUT_S = 10.0
 STATUSES = ("ok", "warn", "fail", "skip")
@@ -71,14 +72,6 @@ def _mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _oserror(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
@@ -86,11 +79,13 @@ def _oserror(exc: OSError) -> str:
 
 class Doctor:
     """Runs the checks in order; later checks use what earlier ones found
-    (the config, the server's Date header)."""
+    (the config, the server's Date header). The plugins' checks come after
+    the clock; the handlers check, last, says which plugins failed to load."""
 
     def __init__(self, config_path: str):
         self.path = config_path
         self.config: Config | None = None
+        self.registry: HandlerRegistry | None = None
         self.server_date: str | None = None   # Date header of the server's answer
         self.asked_at = 0.0                   # local time in the middle of that request
         self.checks: list[tuple[str, Callable[[], Result]]] = [
@@ -98,17 +93,19 @@ class Doctor:
             ("objecthost-port", lambda: self.check_port("objecthost")),
             ("cta-port", lambda: self.check_port("cta")),
             ("server", self.check_server), ("clock", self.check_clock),
-            ("sbs", self.check_sbs), ("drivers", self.check_drivers),
-            ("image-store", self.check_image_store),
             ("tickles", self.check_tickles), ("outbox", self.check_outbox),
             ("handlers", self.check_handlers),
         ]
 
     def run(self, bar: ProgressBar) -> list[Result]:
+        bar.update(0, "loading the handler plugins", force=True)
+        self.registry = _load_plugins()
+        at = [name for name, _ in self.checks].index("clock") + 1
+        checks = self.checks[:at] + self.plugin_checks() + self.checks[at:]
         results = []
-        for index, (name, check) in enumerate(self.checks):
-            bar.update(100 * index / len(self.checks),
-                       f"check {index + 1} of {len(self.checks)}: {name}", force=True)
+        for index, (name, check) in enumerate(checks):
+            bar.update(100 * index / len(checks),
+                       f"check {index + 1} of {len(checks)}: {name}", force=True)
             if self.config is None and name != "config":
                 results.append(Result(name, "skip", f"the config {self.path} cannot be used",
                                       "fix the config first (see the config check)"))
@@ -295,98 +292,64 @@ class Doctor:
             return Result(name, "warn", f"{how}; tickles fail beyond {SKEW_FAIL_S} s", sync)
         return Result(name, "ok", f"{how}, within {SKEW_WARN_S} s")
 
-    # ---- handlers' folders ------------------------------------------------------
-    def _folder(self, name: str, key: str, what: str, unset: tuple[str, str]
-                ) -> tuple[str, Result | None]:
-        """``[handlers] key`` and, when it is unset (skip) or no folder (fail), the result."""
-        folder = self.config.get("handlers", key)
-        if not folder:
-            return "", Result(name, "skip", f"[handlers] {key} is not set ({unset[0]})",
-                              f"set it in {self.path} {unset[1]}")
-        if not os.path.isdir(folder):
-            return folder, Result(name, "fail", f"{what} {folder} ([handlers] {key}) is not a "
-                                  "folder", f"create it or fix [handlers] {key} in {self.path}")
-        return folder, None
-
-    def check_sbs(self) -> Result:
-        from handlers.sbs import STALE_AFTER_S, waiting_mtimes
-
-        name = "sbs"
-        folder, unusable = self._folder(name, "sbs_dir", "SBS folder",
-                                        ("not a PXE server", "on a PXE server"))
-        if unusable:
-            return unusable
-        if not os.access(folder, os.W_OK):
-            return Result(name, "fail", f"SBS folder {folder} is not writable by this user",
-                          f"let the agent's user write in {folder}")
-        now = time.time()
-        waiting = waiting_mtimes(folder)
-        stale = sorted((mtime, file) for file, mtime in waiting.items()
-                       if now - mtime > STALE_AFTER_S)
-        if stale:
-            mtime, oldest = stale[0]
-            return Result(name, "fail", f"{len(stale)} .sbs file(s) waited over "
-                          f"{STALE_AFTER_S:g} s in {folder} (oldest {oldest}, "
-                          f"{now - mtime:.0f} s): the PXE services look stopped",
-                          "start the PXE services, the Interface (_netboot_NSInterface) first; "
-                          "it takes the files within a second")
-        if waiting:
-            return Result(name, "ok", f"{len(waiting)} .sbs file(s) in {folder}, all younger "
-                          f"than {STALE_AFTER_S:g} s (being taken)")
-        return Result(name, "ok", f"{folder} holds no waiting .sbs file")
-
-    def check_drivers(self) -> Result:
-        from handlers.bootwiz.build import PackageChecker
-
-        name = "drivers"
-        store, unusable = self._folder(name, "package_store", "package store", (
-            "no BootWiz here", "on a site server that rebuilds preboot configurations"))
-        if unusable:
-            return unusable
-        packages = sorted(e for e in os.listdir(store)
-                          if not e.startswith(".") and os.path.isdir(os.path.join(store, e)))
-        checker = PackageChecker(store, lambda: False, lambda _n: None)
-        files = sum(len(checker.check(pid)) for pid in packages)
-        if checker.problems:
-            bad = sorted({p["package"] for p in checker.problems})
-            more = len(checker.problems) - 1
-            return Result(name, "fail", checker.problems[0]["message"]
-                          + (f" (and {more} more problem(s); packages: {', '.join(bad)})"
-                             if more else ""),
-                          "wait for package replication to finish (or replicate "
-                          f"{', '.join(bad)} again), then run BootWizRebuild")
-        return Result(name, "ok", f"{len(packages)} driver package(s) in {store} complete "
-                      f"({files} file(s) match their manifests)")
-
-    def check_image_store(self) -> Result:
-        name = "image-store"
-        store, unusable = self._folder(name, "image_store", "image store", (
-            "no imaging here", "where images are captured or deployed"))
-        if unusable:
-            return unusable
-        probe = os.path.join(store, f".dsagent-doctor.{os.getpid()}.{os.urandom(4).hex()}")
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    # ---- the handler plugins' own checks (hook dsagent_doctor_checks) -------------
+    def plugin_checks(self) -> list[tuple[str, Callable[[], Result]]]:
+        """What each plugin registers, in plugin order. A hook that raises or
+        registers something else, and a name two plugins (or a plugin and
+        the doctor) claim, become a failing row naming the plugin(s)."""
+        own = {name for name, _ in self.checks}
+        registered: list[tuple[str, DoctorCheck]] = []
+        failed: list[Result] = []
+        for plugin, _ in sorted(self.registry.pm.list_name_plugin(), key=lambda p: p[0]):
+            checks: list[DoctorCheck] = []
             try:
-                os.write(fd, b"\0" * PROBE_BYTES)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe)
-        except OSError as exc:
-            return Result(name, "fail", f"cannot write in the image store {store}: "
-                          f"{_oserror(exc)}",
-                          "mount it read-write and let the agent's user write there")
-        usage = shutil.disk_usage(store)
-        share = usage.free / usage.total if usage.total else 0.0
-        free = f"{_size(usage.free)} free ({share:.0%} of {_size(usage.total)})"
-        if share < LOW_FREE_FRACTION or usage.free < LOW_FREE_BYTES:
-            return Result(name, "warn", f"image store {store} is nearly full: {free}",
-                          "free space or grow it: a capture needs room for its compressed image")
-        return Result(name, "ok", f"image store {store} is writable; {free}")
+                self.registry.hook_of("dsagent_doctor_checks", plugin)(register=checks.append)
+                for check in checks:
+                    if not isinstance(check, DoctorCheck):
+                        raise TypeError(f"register() expects a DoctorCheck, got {check!r}")
+            except Exception as exc:
+                failed.append(_broken(plugin, plugin, "could not register its doctor checks",
+                                      exc))
+                continue
+            for check in checks:
+                if check.name in own:
+                    failed.append(Result(plugin, "fail", f"handler plugin '{plugin}' registers "
+                                         f"a doctor check named '{check.name}', like one of "
+                                         "the doctor's own: it does not run",
+                                         f"rename the check in '{plugin}'"))
+                else:
+                    registered.append((plugin, check))
+        owners: dict[str, list[str]] = {}
+        for plugin, check in registered:
+            owners.setdefault(check.name, []).append(plugin)
+        rows: list[tuple[str, Callable[[], Result]]] = []
+        for plugin, check in registered:
+            claim = owners.pop(check.name, None)
+            if claim is None:
+                continue  # a duplicate, reported with its first registration
+            if len(claim) > 1:
+                who = (f"twice by {plugin}" if len(set(claim)) == 1
+                       else f"by both {' and '.join(dict.fromkeys(claim))}")
+                rows.append((check.name, _constant(Result(
+                    check.name, "fail", f"doctor check '{check.name}' is registered {who}: "
+                    "it does not run",
+                    "uninstall one of the packages, or rename the check in one of them"))))
+            else:
+                rows.append((check.name, lambda p=plugin, c=check: self._run_plugin_check(p, c)))
+        return rows + [(r.name, _constant(r)) for r in failed]
 
+    def _run_plugin_check(self, plugin: str, check: DoctorCheck) -> Result:
+        try:
+            result = check.run(self.config.handlers)
+        except Exception as exc:
+            return _broken(check.name, plugin, "failed its doctor check", exc)
+        if not isinstance(result, CheckResult):
+            return Result(check.name, "fail", f"handler plugin '{plugin}': its doctor check "
+                          f"returned {type(result).__name__}, not a CheckResult",
+                          f"upgrade the package of '{plugin}' or report it to its authors")
+        return Result(check.name, result.status, result.finding, result.action)
 
-    # ---- what the processes reported (agent/statusfile.py) ----------------------
+    # ---- what the processes reported (agent/common/statusfile.py) ----------------------
     def check_tickles(self) -> Result:
         name = "tickles"
         host = read_all(self.config.state_dir).get("objecthost")
@@ -408,10 +371,11 @@ class Doctor:
 
     def check_outbox(self) -> Result:
         name = "outbox"
-        db = read_state_db(self.config.state_dir)
-        if "error" in db:
-            return Result(name, "skip", db["error"])
-        depth, oldest = db["outbox_depth"], db["outbox_oldest_s"]
+        try:
+            box = outbox_summary(self.config.state_dir)
+        except DsagentError as exc:  # no state DB yet, or unreadable
+            return Result(name, "skip", str(exc))
+        depth, oldest = box.waiting, box.oldest_s
         if oldest is not None and oldest > OUTBOX_WARN_S:
             error = read_all(self.config.state_dir).get("ctdataloader", {}).get(
                 "last_upload_error")
@@ -429,19 +393,9 @@ class Doctor:
         """Plugins that fail to load, task types two plugins claim, and settings
         tables ([handlers.<plugin>]) that name no installed plugin (a typo: the
         plugin would run without its settings)."""
-        import logging
-
-        from agent.plugin.manager import load_handlers
-
         name = "handlers"
-        quiet = logging.getLogger("dsagent.plugins")
-        level = quiet.level
-        quiet.setLevel(logging.CRITICAL)  # reported below, not as a traceback
-        try:
-            registry = load_handlers()
-        finally:
-            quiet.setLevel(level)
-        plugins = sorted({reg.plugin for reg in registry.types.values()})
+        registry = self.registry
+        plugins = sorted(p for p, _ in registry.pm.list_name_plugin())  # task types or not
         if registry.broken:
             plugin, error = sorted(registry.broken.items())[0]
             return Result(name, "fail", f"handler plugin '{plugin}' cannot be loaded: {error}"
@@ -462,6 +416,28 @@ class Doctor:
                           "plugin")
         return Result(name, "ok", f"{len(registry.types)} task type(s) from "
                       f"{len(plugins)} plugin(s): {', '.join(plugins)}")
+
+
+def _load_plugins() -> HandlerRegistry:
+    """The plugins as a worker loads them; a broken one is reported by the
+    handlers check, not logged as a traceback among the findings."""
+    quiet = logging.getLogger("dsagent.plugins")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return load_handlers()
+    finally:
+        quiet.setLevel(level)
+
+
+def _broken(name: str, plugin: str, what: str, exc: Exception) -> Result:
+    return Result(name, "fail", f"handler plugin '{plugin}' {what}: "
+                  f"{type(exc).__name__}: {exc}",
+                  f"upgrade or reinstall the package of '{plugin}', or report it to its authors")
+
+
+def _constant(result: Result) -> Callable[[], Result]:
+    return lambda: result
 
 
 def _overlaps(host: str, bound: str) -> bool:

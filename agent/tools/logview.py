@@ -1,7 +1,7 @@
 """``dsagent logs``: the agent's log files merged in time order.
 
 Each process writes JSON lines to ``<log dir>/<process>.log`` (rotated to
-``.1``, ``.2``...; see agent/logsetup.py). This module reads them back: the
+``.1``, ``.2``...; see agent/common/logsetup.py). This module reads them back: the
 whole history merged by timestamp, filtered by task or time, and a follower
 that tails every file (new ones and rotated ones included), which the remote
 trace stream uses too.
@@ -195,7 +195,7 @@ class LogFollower:
 
 
 def format_record(record: Record) -> str:
-    """A record as the human-readable line of agent/logsetup.py's text format."""
+    """A record as the human-readable line of agent/common/logsetup.py's text format."""
     tags = "".join(f" {name}={record[key]}" for name, key in (("task", "task_id"),
                                                                 ("event", "event_id"),
                                                                 ("tickle", "tickle"))

@@ -20,33 +20,58 @@ from pathlib import Path
 from agent.common.errors import DsagentError
 from agent.common.taskxml import TYPE_RE
 
-NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 RESERVED = {"tests"}  # the package's own test folder
+MAX_MODULE = 64
 
 
 class ScaffoldError(DsagentError):
     """The package cannot be written (bad name, task type, or target folder)."""
 
 
-def check_name(name: str) -> None:
-    """Refuse a NAME that is not a usable, non-shadowing Python package name."""
+def module_name(name: str) -> str:
+    """The Python module NAME maps to, as poetry and cargo derive it:
+    ``acme-inventory`` -> ``acme_inventory``; ScaffoldError saying why if none."""
     if not NAME_RE.fullmatch(name):
-        raise ScaffoldError(f"NAME {name!r} is not a valid Python package name: use lowercase "
-                            "letters, digits and '_', starting with a letter (e.g. acme_inventory)")
-    if keyword.iskeyword(name):
-        raise ScaffoldError(f"NAME {name!r} is a Python keyword")
-    if name in RESERVED:
-        raise ScaffoldError(f"NAME {name!r} is reserved for the package's test folder")
-    if name in sys.stdlib_module_names:
-        raise ScaffoldError(f"NAME {name!r} would shadow the standard library module {name!r}")
+        bad = ", ".join(repr(c) for c in sorted(set(name)) if not NAME_RE.fullmatch(c))
+        raise ScaffoldError(f"NAME {name!r} " + (f"has {bad}, which a distribution name cannot "
+                                                 "hold" if bad else "is empty")
+                            + ": use letters, digits, '-', '_' and '.' (e.g. acme-inventory)")
+    if not name[0].isalpha():
+        raise ScaffoldError(f"NAME {name!r} must start with a letter (a module name cannot "
+                            "start with a digit, a distribution name not with '-', '_' or '.')")
+    if not name[-1].isalnum():
+        raise ScaffoldError(f"NAME {name!r} must end with a letter or a digit, as a "
+                            "distribution name does")
+    module = re.sub(r"[-_.]+", "_", name).lower()
+    if len(module) > MAX_MODULE:
+        raise ScaffoldError(f"NAME {name!r} is longer than {MAX_MODULE} characters")
+    what = _subject(name, module)
+    if keyword.iskeyword(module):
+        raise ScaffoldError(f"{what} is a Python keyword")
+    if module in RESERVED:
+        raise ScaffoldError(f"{what} is reserved for the package's test folder")
+    if module in sys.stdlib_module_names:
+        raise ScaffoldError(f"{what} would shadow the standard library module {module!r}")
+    return module
 
 
-def check_not_installed(name: str) -> None:
-    """Refuse a NAME that an importable module already has (it would shadow it)."""
-    spec = importlib.util.find_spec(name)
+def _subject(name: str, module: str) -> str:
+    return f"NAME {name!r}" + ("" if module == name else f" maps to module {module!r}, which")
+
+
+def distribution_name(name: str) -> str:
+    """The distribution NAME makes, normalized as pip does (PEP 503): ``acme-inventory``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def check_not_installed(name: str, module: str) -> None:
+    """Refuse a module name an importable module already has (it would shadow it)."""
+    spec = importlib.util.find_spec(module)
     if spec is not None:
         where = spec.origin or ", ".join(spec.submodule_search_locations or [])
-        raise ScaffoldError(f"NAME {name!r} would shadow the installed module {name!r} ({where})")
+        raise ScaffoldError(f"{_subject(name, module)} would shadow the installed module "
+                            f"{module!r} ({where})")
 
 
 def check_task_type(task_type: str) -> None:
@@ -63,25 +88,26 @@ def check_task_type(task_type: str) -> None:
                             "with --task-type")
 
 
-def default_task_type(name: str) -> str:
+def default_task_type(module: str) -> str:
     """``acme_inventory`` -> ``AcmeInventory``."""
-    return "".join(part.capitalize() for part in name.split("_"))
+    return "".join(part.capitalize() for part in module.split("_"))
 
 
 def new_handler(name: str, directory: str | os.PathLike = ".",
                 task_type: str | None = None) -> Path:
-    """Write the package ``<directory>/<name>/``; return its path."""
-    check_name(name)
+    """Write the project ``<directory>/<name>/`` (distribution NAME, module
+    ``module_name(NAME)``); return its path."""
+    module = module_name(name)
     parent = Path(directory)
     if not parent.is_dir():
         raise ScaffoldError(f"--dir {parent}: no such directory")
     target = parent / name
     if target.exists() or target.is_symlink():
         raise ScaffoldError(f"{target} already exists; choose another NAME or --dir")
-    check_not_installed(name)
-    task_type = task_type or default_task_type(name)
+    check_not_installed(name, module)
+    task_type = task_type or default_task_type(module)
     check_task_type(task_type)
-    values = {"name": name, "task_type": task_type, "dist": "dsagent-" + name.replace("_", "-")}
+    values = {"module": module, "task_type": task_type, "dist": distribution_name(name)}
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
     try:
         for relative, template in FILES.items():
@@ -121,10 +147,10 @@ test = ["pytest>=7"]
 
 # How dsagent finds the handler: one entry point in this group.
 [project.entry-points."dsagent.handlers"]
-$name = "$name.handler"
+$module = "$module.handler"
 
 [tool.setuptools]
-packages = ["$name"]
+packages = ["$module"]
 
 [tool.pytest.ini_options]
 testpaths = ["tests"]
@@ -139,7 +165,8 @@ __version__ = "0.1.0"
 HANDLER = '''\
 """The $task_type task type.
 
-Parameters (all strings, as in the task XML):
+Parameters (all strings, as in the task XML), declared in PARAMETERS: dsagent
+refuses a task with an unknown, missing or empty one before any hook runs.
 
 - ``items``: comma-separated names to process (required, at least one);
 - ``fail_on`` (optional): an item name that makes the task fail, to show how
@@ -149,16 +176,20 @@ Details of a succeeded task: ``processed`` (the items, in order) and ``count``.
 Replace the body of dsagent_run_task with the real work.
 """
 
-from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
+from agent.plugin import BadParameters, Param, TaskFailed, TaskType, hookimpl
 
 TASK_TYPE = "$task_type"
-PARAMETERS = {"items", "fail_on"}
+PARAMETERS = (
+    Param("items", required=True, description="comma-separated names to process"),
+    Param("fail_on", description="an item name that makes the task fail"),
+)
 
 
 @hookimpl
 def dsagent_task_types(register):
     register(TaskType(TASK_TYPE, default_timeout=600,
-                      description="process a comma-separated list of items"))
+                      description="process a comma-separated list of items",
+                      parameters=PARAMETERS))
 
 
 def _items(task):
@@ -167,13 +198,8 @@ def _items(task):
 
 @hookimpl
 def dsagent_validate_task(task, config):
-    # Refuse bad parameters here, naming the parameter: the task then goes
-    # received -> failed without ever running.
-    unknown = sorted(set(task.parameters) - PARAMETERS)
-    if unknown:
-        raise BadParameters(f"unknown parameter '{unknown[0]}' (known: {', '.join(sorted(PARAMETERS))})")
-    if "items" not in task.parameters:
-        raise BadParameters("parameter 'items' is missing")
+    # Check here what a Param cannot say, naming the parameter: the task then
+    # goes received -> failed without ever running.
     if not _items(task):
         raise BadParameters("parameter 'items' names no item")
 
@@ -212,6 +238,8 @@ def test_bad_parameters_are_refused_before_running(dsagent_run):
     assert "parameter 'items' is missing" in missing.message
     unknown = dsagent_run("$task_type", {"items": "a", "colour": "red"})
     assert "unknown parameter 'colour'" in unknown.message
+    no_item = dsagent_run("$task_type", {"items": " , "})
+    assert no_item.message == "parameter 'items' names no item"
 
 
 def test_failure_keeps_what_was_done(dsagent_run):
@@ -225,10 +253,10 @@ README = '''\
 # $dist
 
 A dsagent handler plugin serving the `$task_type` task type (see
-`$name/handler.py` for its parameters and details).
+`$module/handler.py` for its parameters and details).
 
     pip install -e '.[test]'   # into the environment where dsagent is installed
-    dsagent handlers           # lists $task_type, plugin $name
+    dsagent handlers           # lists $task_type, plugin $module
     pytest                     # runs the task through dsagent's real dispatch
 
 Try it without a server:
@@ -249,7 +277,7 @@ task's life, progress, details and the `dsagent_run` test fixture.
 FILES = {
     "pyproject.toml": PYPROJECT,
     "README.md": README,
-    "$name/__init__.py": INIT,
-    "$name/handler.py": HANDLER,
+    "$module/__init__.py": INIT,
+    "$module/handler.py": HANDLER,
     "tests/test_handler.py": TEST,
 }

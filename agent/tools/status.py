@@ -1,9 +1,10 @@
 """``dsagent status``: what the agent is doing now.
 
-Put together from what the processes publish (agent/statusfile.py), the
-processes themselves (psutil: uptime, memory) and the state DB, read only
-(tasks running and queued, the outbox and the age of its oldest event). It
-never talks to the agent's ports, so it works when a process is wedged.
+Put together from what the processes publish (agent/common/statusfile.py),
+the processes themselves (psutil: uptime, memory) and the state DB, read
+only (tasks running and queued; the outbox's depth and the age of its oldest
+event, from ctdataloader.outbox.summary). It never talks to the agent's
+ports, so it works when a process is wedged.
 Exit code: 0 the agent runs, 3 it does not (as ``systemctl status``), 2 the
 state dir cannot be read.
 """
@@ -20,8 +21,10 @@ from typing import Any
 
 import psutil
 
-from agent.cta.statedb import db_path
+from agent.common.errors import DsagentError
+from agent.common.statedb import connect_read_only, db_path
 from agent.common.statusfile import read_all
+from ctdataloader.outbox import summary as outbox_summary
 
 PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
 NOT_RUNNING = 3
@@ -49,17 +52,21 @@ def _process(facts: dict[str, Any] | None) -> dict[str, Any]:
 def read_state_db(state_dir: Path) -> dict[str, Any]:
     """Unfinished tasks and the outbox, read only; ``{"error": ...}`` if unreadable."""
     path = db_path(state_dir)
-    if not path.exists():
-        return {"error": f"no state DB at {path} yet"}
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        box = outbox_summary(state_dir)   # raises if there is no DB yet
+        conn = connect_read_only(path)
         try:
             tasks = conn.execute(
                 "SELECT task_id, type, state, updated_at FROM tasks WHERE terminal_event IS NULL "
                 "ORDER BY rowid").fetchall()
-            depth, oldest = conn.execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            tasks = []   # the ctdataloader made the file before the CTA's first start
         finally:
             conn.close()
+    except DsagentError as exc:
+        return {"error": str(exc)}
     except sqlite3.Error as exc:
         return {"error": f"cannot read {path}: {exc}"}
     now = time.time()
@@ -67,7 +74,7 @@ def read_state_db(state_dir: Path) -> dict[str, Any]:
               for tid, kind, state, at in tasks]
     return {"running": [t for t in listed if t["state"] != "received"],
             "queued": [t for t in listed if t["state"] == "received"],
-            "outbox_depth": depth, "outbox_oldest_s": (now - oldest) if oldest else None}
+            "outbox_depth": box.waiting, "outbox_oldest_s": box.oldest_s}
 
 
 def gather(state_dir: Path) -> dict[str, Any]:

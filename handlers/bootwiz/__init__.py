@@ -1,6 +1,9 @@
 """BootWizRebuild (PROTOCOL.md §4): rebuild a Linux preboot configuration.
 
-``cpio`` reads and writes newc archives, ``build`` checks driver packages and
-builds a new version of a configuration, ``plugin`` is the handler plugin.
+``plugin`` is the handler plugin; ``rebuild`` checks and builds a new version
+and tells the PXE server (through handlers.shared.sbsdrop); ``packages`` is
+the replication check of driver packages; ``versions`` keeps a
+configuration's versions and its ``current`` link; ``cpio`` reads and writes
+newc archives; ``errors`` is what they raise.
 See docs/bootwiz.md.
 """

@@ -11,32 +11,35 @@ from __future__ import annotations
 
 import os
 
-from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
+from agent.plugin import (BadParameters, CheckResult, DoctorCheck, Param, TaskFailed, TaskType,
+                          hookimpl)
 
-from handlers.bootwiz.build import BootWizError, Request, safe_current, check_name, parse_drivers, rebuild
+from handlers.bootwiz.errors import BootWizError, check_name
+from handlers.bootwiz.packages import PackageChecker, parse_drivers
+from handlers.bootwiz.rebuild import Request, rebuild
+from handlers.bootwiz.versions import safe_current
+from handlers.shared.checks import configured_folder
 
 TASK_TYPE = "BootWizRebuild"
 DEFAULT_TIMEOUT_S = 1800
-PARAMETERS = ("config", "base", "drivers")
+NAMES = "1-64 of A-Z a-z 0-9 . _ -, not . or .."
+PARAMETERS = (
+    Param("config", required=True, description=f"the configuration to rebuild ({NAMES})"),
+    Param("base", required=True, description=f"the base folder in the preboot store ({NAMES})"),
+    Param("drivers", description="comma-separated driver package ids (none: the base's initrd)"),
+)
 
 
 @hookimpl
 def dsagent_task_types(register):
     register(TaskType(TASK_TYPE, DEFAULT_TIMEOUT_S,
-                      "rebuild a Linux preboot configuration with driver packages "
-                      "(config, base, drivers)"))
+                      "rebuild a Linux preboot configuration with driver packages",
+                      parameters=PARAMETERS))
 
 
 @hookimpl
 def dsagent_validate_task(task, config):
-    params = task.parameters
-    unknown = sorted(set(params) - set(PARAMETERS))
-    if unknown:
-        raise BadParameters(f"unknown parameter '{unknown[0]}' ({TASK_TYPE} takes "
-                            f"{', '.join(PARAMETERS)})")
-    for name in ("config", "base"):
-        if not params.get(name):
-            raise BadParameters(f"parameter '{name}' is missing or empty")
+    params = task.parameters  # present and not empty: checked by the core
     try:
         check_name(params["config"], "parameter 'config'")
         check_name(params["base"], "parameter 'base'")
@@ -87,3 +90,32 @@ def dsagent_run_task(task, ctx):
         details["warning"] = "; ".join(details["warnings"])  # also the succeeded message
         ctx.log.warning("%s", details["warning"])
     return details
+
+
+# ---- dsagent doctor ---------------------------------------------------------------
+
+def check_drivers(config: dict) -> CheckResult:
+    """The seed: BootWiz run before the driver packages replicated to the site server."""
+    store, unusable = configured_folder(config, "package_store", "package store", (
+        "no BootWiz here", "on a site server that rebuilds preboot configurations"))
+    if unusable:
+        return unusable
+    packages = sorted(e for e in os.listdir(store)
+                      if not e.startswith(".") and os.path.isdir(os.path.join(store, e)))
+    checker = PackageChecker(store, lambda: False, lambda _n: None)
+    files = sum(len(checker.check(pid)) for pid in packages)
+    if checker.problems:
+        bad = sorted({p["package"] for p in checker.problems})
+        more = len(checker.problems) - 1
+        return CheckResult("fail", checker.problems[0]["message"]
+                           + (f" (and {more} more problem(s); packages: {', '.join(bad)})"
+                              if more else ""),
+                           "wait for package replication to finish (or replicate "
+                           f"{', '.join(bad)} again), then run BootWizRebuild")
+    return CheckResult("ok", f"{len(packages)} driver package(s) in {store} complete "
+                       f"({files} file(s) match their manifests)")
+
+
+@hookimpl
+def dsagent_doctor_checks(register):
+    register(DoctorCheck("drivers", check_drivers))

@@ -29,8 +29,7 @@ from typing import Callable, Iterator
 import zstandard
 
 from agent import __version__
-
-from agent.plugin.progress import Progress
+from agent.plugin import Progress
 from handlers.imaging.source import Plan, check_disk_path, in_use, plan_source
 from handlers.shared.durable import fsync_dir, write_atomic
 from handlers.imaging.store import FORMAT, Chunk, ImageError, ImageStore, IndexWriter

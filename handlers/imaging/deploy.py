@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import zstandard
 
-from agent.plugin.progress import Progress
+from agent.plugin import Progress
 from handlers.imaging.source import check_disk_path, disk_size, in_use
 from handlers.imaging.store import Chunk, ImageError, ImageStore
 

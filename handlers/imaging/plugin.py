@@ -8,50 +8,50 @@ RestoreBackupImage. Needs ``[handlers] image_store``.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
-from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
+from agent.plugin import (BadParameters, CheckResult, DoctorCheck, Param, TaskFailed, TaskType,
+                          hookimpl)
 
 from handlers.imaging.store import ImageError, ImageStore, check_name
+from handlers.shared.checks import configured_folder
 
 DEFAULT_TIMEOUT_S = 6 * 3600
 CREATE = {"CreateImage": "capture", "CreateBackupImage": "backup"}
 WRITE = {"DeployImage": "capture", "RestoreBackupImage": "backup"}
-PARAMETERS = {**{t: ("source", "image") for t in CREATE}, **{t: ("image", "target") for t in WRITE}}
+IMAGE = Param("image", required=True,
+              description="the image's name in the store (1-128 of A-Z a-z 0-9 . _ -)")
+SOURCE = Param("source", required=True, type="path",
+               description="the disk read: a block device or a disk file")
+TARGET = Param("target", required=True, type="path",
+               description="the disk written: a block device or a disk file")
 
 
 @hookimpl
 def dsagent_task_types(register):
-    register(TaskType("CreateImage", DEFAULT_TIMEOUT_S, "capture a disk into the image store"))
-    register(TaskType("CreateBackupImage", DEFAULT_TIMEOUT_S, "back up a disk into the image store"))
-    register(TaskType("DeployImage", DEFAULT_TIMEOUT_S, "write a capture image onto a disk"))
-    register(TaskType("RestoreBackupImage", DEFAULT_TIMEOUT_S, "write a backup image onto a disk"))
+    register(TaskType("CreateImage", DEFAULT_TIMEOUT_S, "capture a disk into the image store",
+                      parameters=(SOURCE, IMAGE)))
+    register(TaskType("CreateBackupImage", DEFAULT_TIMEOUT_S, "back up a disk into the image store",
+                      parameters=(SOURCE, IMAGE)))
+    register(TaskType("DeployImage", DEFAULT_TIMEOUT_S, "write a capture image onto a disk",
+                      parameters=(IMAGE, TARGET)))
+    register(TaskType("RestoreBackupImage", DEFAULT_TIMEOUT_S, "write a backup image onto a disk",
+                      parameters=(IMAGE, TARGET)))
 
 
 @hookimpl
 def dsagent_validate_task(task, config):
-    expected = PARAMETERS[task.type]
-    params = task.parameters
-    unknown = sorted(set(params) - set(expected))
-    if unknown:
-        raise BadParameters(f"unknown parameter '{unknown[0]}' ({task.type} takes "
-                            f"{', '.join(expected)})")
-    for name in expected:
-        if not params.get(name):
-            raise BadParameters(f"parameter '{name}' is missing or empty")
     store = config.get("image_store")
     if not store:
         raise BadParameters(f"{task.type} needs [handlers] image_store in the agent's config")
     if not os.path.isdir(store):
         raise BadParameters(f"image_store {store} is not a folder")
     try:
-        check_name(params["image"])
+        check_name(task.parameters["image"])  # the store's rule; the rest is checked by the core
     except ImageError as exc:
         raise BadParameters(str(exc)) from None
-    disk = params.get("source") or params.get("target")
-    if not os.path.isabs(disk) or "\0" in disk or "\n" in disk:
-        which = "source" if "source" in params else "target"
-        raise BadParameters(f"parameter '{which}' must be an absolute path, got {disk!r}")
 
 
 @hookimpl
@@ -78,3 +78,52 @@ def dsagent_run_task(task, ctx):
         raise TaskFailed(f"{exc.filename or 'I/O'}: {exc.strerror or exc}") from None
     ctx.log.info("%s of image '%s' done: %s", task.type, params["image"], details)
     return details
+
+
+# ---- dsagent doctor ---------------------------------------------------------------
+
+LOW_FREE_FRACTION = 0.10   # the image store warns under 10 % free ...
+LOW_FREE_BYTES = 4 << 30   # ... or under 4 GiB free
+PROBE_BYTES = 4096
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_image_store(config: dict) -> CheckResult:
+    """Captures fail late on a read-only or full store: probe a write, look at free space."""
+    store, unusable = configured_folder(config, "image_store", "image store", (
+        "no imaging here", "where images are captured or deployed"))
+    if unusable:
+        return unusable
+    probe = os.path.join(store, f".dsagent-doctor.{os.getpid()}.{os.urandom(4).hex()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "")
+        return CheckResult("fail", f"cannot write in the image store {store}: "
+                           f"{exc.strerror or exc}" + (f" ({code})" if code else ""),
+                           "mount it read-write and let the agent's user write there")
+    usage = shutil.disk_usage(store)
+    share = usage.free / usage.total if usage.total else 0.0
+    free = f"{_size(usage.free)} free ({share:.0%} of {_size(usage.total)})"
+    if share < LOW_FREE_FRACTION or usage.free < LOW_FREE_BYTES:
+        return CheckResult("warn", f"image store {store} is nearly full: {free}",
+                           "free space or grow it: a capture needs room for its compressed image")
+    return CheckResult("ok", f"image store {store} is writable; {free}")
+
+
+@hookimpl
+def dsagent_doctor_checks(register):
+    register(DoctorCheck("image-store", check_image_store))

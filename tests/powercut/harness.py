@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.common.events import TERMINAL
-from agent.cta.statedb import AgentDB, connect
+from agent.cta.taskdb import AgentDB, open_db
 from ctdataloader.outbox import Outbox
 
 from tests.powercut.crashsim import HOW, MARK, Disk, Op, read_log
@@ -155,19 +155,23 @@ def check_state(files: dict[str, bytes], facts: Facts, where: Path) -> Verdict:
         (where / name).write_bytes(data)
     verdict = Verdict()
     try:
-        conn = connect(where / DB)
+        conn = open_db(where / DB)
         try:
             verdict.integrity = "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
-            outbox = conn.execute("SELECT event_id, body FROM outbox").fetchall()
             tasks = conn.execute("SELECT task_id, state, next_seq, terminal_event FROM tasks").fetchall()
         finally:
             conn.close()
+        if verdict.integrity != "ok":
+            return verdict
+        box = Outbox(where / DB)
+        try:
+            outbox = box.batch(limit=1 << 30)
+        finally:
+            box.close()
     except sqlite3.DatabaseError as exc:
         verdict.integrity = f"cannot open: {exc}"
         return verdict
-    if verdict.integrity != "ok":
-        return verdict
-    _check_facts(verdict, facts, {eid: json.loads(body) for eid, body in outbox},
+    _check_facts(verdict, facts, {event["event_id"]: event for event in outbox},
                  {t: (state, next_seq, term) for t, state, next_seq, term in tasks})
     verdict.continued = _carry_on(where / DB)
     return verdict

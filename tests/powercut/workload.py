@@ -24,7 +24,7 @@ import os
 import random
 
 from agent.common.events import TERMINAL
-from agent.cta.statedb import AgentDB, Change
+from agent.cta.taskdb import AgentDB, Change
 from agent.common.task import Task
 from ctdataloader.outbox import Outbox
 

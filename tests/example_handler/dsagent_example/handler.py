@@ -11,29 +11,24 @@ import os
 import signal
 import threading
 
-from agent.plugin import BadParameters, TaskFailed, TaskType, hookimpl
+from agent.plugin import Param, TaskFailed, TaskType, hookimpl
 
 _cancelled: dict[str, threading.Event] = {}
 
 
 @hookimpl
 def dsagent_task_types(register):
-    register(TaskType("Example.Echo", default_timeout=60, description="reverse the text parameter"))
-    register(TaskType("Example.Sleep", default_timeout=60, description="sleep N seconds"))
-    register(TaskType("Example.Crash", default_timeout=60, description="kill its worker"))
-    register(TaskType("Example.Hog", default_timeout=60, description="eat memory until refused"))
-    register(TaskType("Example.Poll", default_timeout=60, description="work until cancelled"))
-
-
-@hookimpl
-def dsagent_validate_task(task, config):
-    if task.type == "Example.Echo" and "text" not in task.parameters:
-        raise BadParameters("parameter 'text' is missing")
-    if task.type == "Example.Sleep":
-        try:
-            float(task.parameters.get("seconds", ""))
-        except ValueError:
-            raise BadParameters("parameter 'seconds' must be a number") from None
+    # the core refuses unknown, missing and malformed parameters: no validate hook needed
+    register(TaskType("Example.Echo", default_timeout=60, description="reverse the text parameter",
+                      parameters=(Param("text", required=True, allow_empty=True),)))
+    register(TaskType("Example.Sleep", default_timeout=60, description="sleep N seconds",
+                      parameters=(Param("seconds", required=True, type="number"),)))
+    register(TaskType("Example.Crash", default_timeout=60, description="kill its worker",
+                      parameters=()))
+    register(TaskType("Example.Hog", default_timeout=60, description="eat memory until refused",
+                      parameters=()))
+    register(TaskType("Example.Poll", default_timeout=60, description="work until cancelled",
+                      parameters=()))
 
 
 @hookimpl

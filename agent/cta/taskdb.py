@@ -1,16 +1,13 @@
-"""The agent's durable state: task ids seen, and the status outbox.
+"""The CTA's task states in the state DB (agent/common/statedb.py).
 
-One SQLite file, ``<state_dir>/dsagent.db``, in WAL mode with
-``synchronous=FULL``: a commit is on disk (fsync'd) before the CTA acts on
-the event it recorded. Task state and outbox share the file so that recording
-an event is a single transaction: the task's state and the event to upload can
-never disagree after a crash.
+Every status event is committed in one transaction with its task's new state
+(the event goes to the outbox, ctdataloader/outbox.py), so after a crash the
+two never disagree. The DB is in WAL mode with ``synchronous=FULL``: a commit
+is on disk (fsync'd) before the CTA acts on the event it recorded.
 
-- ``tasks``: one row per task id ever received (so a re-delivered task is never
-  run twice), its last state, next seq and, once finished, its terminal event
-  (re-sent with the same event_id if the server lists the task again).
-- ``outbox``: events not yet accepted by the server, in the order they
-  happened. The CTA appends; the ctdataloader uploads and deletes.
+``tasks`` has one row per task id ever received (so a re-delivered task is
+never run twice), its last state, next seq and, once finished, its terminal
+event (re-sent with the same event_id if the server lists the task again).
 """
 
 from __future__ import annotations
@@ -24,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.events import TERMINAL, TransitionError, check_transition, make_event
+from agent.common.statedb import connect, write_transaction
 from agent.common.task import Task
+from ctdataloader import outbox
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -36,29 +35,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     terminal_event TEXT,
     updated_at     REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS outbox (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id   TEXT NOT NULL UNIQUE,
-    task_id    TEXT NOT NULL,
-    body       TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
 """
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
-    """Open the state DB with the durability settings every process must share."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=30000")
+def open_db(path: str | Path) -> sqlite3.Connection:
+    """The state DB as the CTA opens it: its settings, both tables there."""
+    conn = connect(path)
     conn.executescript(SCHEMA)
+    outbox.create_table(conn)
     return conn
-
-
-def db_path(state_dir: str | Path) -> Path:
-    return Path(state_dir) / "dsagent.db"
 
 
 @dataclass
@@ -87,7 +72,7 @@ class AgentDB:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._conn = connect(self.path)
+        self._conn = open_db(self.path)
         self._lock = threading.Lock()          # the connection; held by the committer
         self._pending: list[Change] = []
         self._pending_lock = threading.Lock()
@@ -162,8 +147,7 @@ class AgentDB:
         event = make_event(task_id, seq, state, change.progress, change.message, change.details)
         body = json.dumps(event, separators=(",", ":"))
         now = time.time()
-        conn.execute("INSERT INTO outbox(event_id, task_id, body, created_at) VALUES (?,?,?,?)",
-                     (event["event_id"], task_id, body, now))
+        outbox.append(conn, event["event_id"], task_id, body, now)
         terminal = body if state in TERMINAL else None
         if row is None:
             task = change.task
@@ -194,11 +178,7 @@ class AgentDB:
                                      (task_id,)).fetchone()
             if not row or not row[0]:
                 return False
-            event = json.loads(row[0])
-            cur = self._conn.execute(
-                "INSERT OR IGNORE INTO outbox(event_id, task_id, body, created_at) "
-                "VALUES (?,?,?,?)", (event["event_id"], task_id, row[0], time.time()))
-            return cur.rowcount == 1
+            return outbox.requeue(self._conn, json.loads(row[0])["event_id"], task_id, row[0])
 
     def unfinished(self) -> list[tuple[str, str, Task | None]]:
         """Tasks not in a terminal state: (task_id, state, task) in arrival order."""
@@ -211,9 +191,10 @@ class AgentDB:
 
     def prune(self, older_than_s: float) -> int:
         """Forget finished tasks whose terminal event left the outbox long ago."""
-        with self._lock:
-            cur = self._conn.execute(
-                "DELETE FROM tasks WHERE terminal_event IS NOT NULL AND updated_at < ? "
-                "AND task_id NOT IN (SELECT task_id FROM outbox)",
-                (time.time() - older_than_s,))
-            return cur.rowcount
+        with self._lock, write_transaction(self._conn) as conn:
+            waiting = outbox.tasks_waiting(conn)
+            old = [(tid,) for (tid,) in conn.execute(
+                "SELECT task_id FROM tasks WHERE terminal_event IS NOT NULL AND updated_at < ?",
+                (time.time() - older_than_s,)).fetchall() if tid not in waiting]
+            conn.executemany("DELETE FROM tasks WHERE task_id=?", old)
+        return len(old)
