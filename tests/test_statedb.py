@@ -13,6 +13,7 @@ from agent.common.errors import DsagentError
 from agent.common.events import TransitionError
 from agent.common.task import Task
 from agent.cta.taskdb import AgentDB, Change
+from conftest import wait_until
 from ctdataloader.outbox import Outbox, Summary, summary
 
 
@@ -162,3 +163,45 @@ def test_no_sql_on_the_outbox_outside_ctdataloader():
              if OUTBOX_SQL.search(line)]
     assert found == []
     assert OUTBOX_SQL.search((root / "ctdataloader" / "outbox.py").read_text())  # sees SQL
+
+
+def test_recorder_waits_out_a_full_disk(db, tmp_path, caplog):
+    """docs/reliability.md "Disk full": a running or terminal event is retried
+    until it is on disk (the outcome waits in memory), a progress event is
+    dropped with a warning, and nothing recorded before is damaged. SQLite's
+    max_page_count makes the file full exactly as a full disk does
+    (SQLITE_FULL, "database or disk is full")."""
+    from agent.common.notify import Notifier, NotifyListener
+    from ctdataloader.recorder import OutboxRecorder
+
+    listener = NotifyListener(tmp_path)
+    recorder = OutboxRecorder(db, Notifier(tmp_path))
+    task = Task("t-full", "RunScript", {"script": "true"})
+    recorder.record(task, "received")
+    recorder.record(task, "running")
+    big = {"stdout_tail": "x" * 200_000}   # needs pages the file may not grow to
+
+    def set_limit(pages: int) -> None:
+        with db._lock:
+            db._conn.execute(f"PRAGMA max_page_count={pages}")
+
+    set_limit(db._conn.execute("PRAGMA page_count").fetchone()[0])
+    assert recorder.record(task, "progress", progress=50, details=big) is None
+    assert "progress of task t-full not recorded" in caplog.text
+
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.update(
+        event=recorder.record(task, "succeeded", details=big)))
+    thread.start()
+    wait_until(lambda: "cannot record succeeded of task t-full" in caplog.text, 10,
+               "the recorder's first failed try")
+    assert thread.is_alive() and db.state_of("t-full") == "running"
+    set_limit(1_000_000)                      # space is back
+    thread.join(10)
+    assert not thread.is_alive()
+    assert done["event"]["state"] == "succeeded" and done["event"]["seq"] == 3
+    assert db.state_of("t-full") == "succeeded"
+    events = Outbox(db.path).batch()
+    assert [e["state"] for e in events] == ["received", "running", "succeeded"]
+    assert listener.wait(1)   # the uploader was told
+    listener.close()
