@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -36,8 +35,10 @@ import pytest
 from agent.common.errors import ServerError
 from agent.common.events import TERMINAL
 from agent.common.serverapi import ServerAPI
+from agent.common.statedb import db_path
 from agent.common.tickle import exchange_line, make_tickle, make_wake, send_tickle
 from conftest import wait_until
+from ctdataloader.outbox import Outbox
 from taskserver.loopback import LoopbackChain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -347,13 +348,12 @@ class Agent:
 
     def outbox(self, task_id: str | None = None) -> list[str]:
         """The states waiting in the durable outbox (of ``task_id``)."""
-        db = sqlite3.connect(f"file:{self.chain.workdir / 'state' / 'dsagent.db'}?mode=ro",
-                             uri=True, timeout=10)
+        box = Outbox(db_path(self.chain.workdir / "state"))
         try:
-            rows = db.execute("SELECT task_id, body FROM outbox ORDER BY id").fetchall()
+            events = box.batch(limit=1_000_000)
         finally:
-            db.close()
-        return [json.loads(body)["state"] for tid, body in rows if task_id in (None, tid)]
+            box.close()
+        return [e["state"] for e in events if task_id in (None, e["task_id"])]
 
     def rss(self, which: str = "cta") -> tuple[int, int]:
         """(VmRSS, VmHWM = peak RSS) of a child, in bytes."""
@@ -504,6 +504,7 @@ BOMB_CHILD = r"""
 import json, resource, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from agent.common.serverapi import ServerAPI
+from agent.common.statedb import db_path
 from agent.common.errors import ServerError
 body = open(sys.argv[1], "rb").read()
 class H(BaseHTTPRequestHandler):

@@ -246,3 +246,15 @@ def test_every_hook_is_documented_and_exercised():
         assert f"def {name}(" in guide, f"docs/handler-guide.md does not show hook {name}"
         assert " ".join(doc.split()) in guide, f"docs/handler-guide.md quotes an old docstring of {name}"
         assert corpus.count(name) >= 1, f"hook {name} is not exercised by any test"
+
+
+def test_the_plugin_api_is_exported_plainly_and_documented():
+    """``agent.plugin`` is the one public API: every name in its ``__all__``
+    is a plain attribute (no lazy ``__getattr__``) and named in the guide."""
+    import agent.plugin as api
+
+    guide = open(os.path.join(os.path.dirname(__file__), "..", "docs", "handler-guide.md")).read()
+    assert not hasattr(api, "__getattr__")
+    for name in api.__all__:
+        assert name in vars(api), name
+        assert f"`{name}`" in guide, f"docs/handler-guide.md does not name {name}"
