@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -353,9 +354,12 @@ def test_pxe_update_file_names_config_and_version(env, tmp_path):
     assert len(files) == 1 and files[0].endswith(".sbs")
     uuid.UUID(files[0][:-4])
     text = (env["sbs"] / files[0]).read_text()
-    assert f'name="linux-auto" version="{details["version"]}"' in text
-    assert f'initrd="linux-auto/{details["version"]}/initrd.img"' in text
-    assert details["initrd_sha256"] in text
+    root = ET.fromstring(text)           # PROTOCOL.md §7: <Update> holding one <Image/>
+    assert root.tag == "Update" and [child.tag for child in root] == ["Image"]
+    image = root[0].attrib
+    assert image["config"] == "linux-auto" and image["version"] == details["version"]
+    assert image["initrd"] == f"linux-auto/{details['version']}/initrd.img"
+    assert image["initrd_sha256"] == details["initrd_sha256"]
     pxe = details["pxe_update"]
     assert pxe["written"] and pxe["file"] == str(env["sbs"] / files[0]) and pxe["content"] == text
     assert pxe["woken"] and marker.read_text().strip() == pxe["file"]

@@ -396,8 +396,10 @@ def rebuild(req: Request, report: Report, cancelled: Callable[[], bool] = lambda
 # ---- telling the PXE server (an SBS "update" file) ------------------------------
 
 def sbs_payload(req: Request, version: str, previous: str | None, manifest: dict) -> bytes:
+    """The §7 ``update`` file: ``<Update><Image config= version=/></Update>``;
+    the other attributes say where the files are (§7: unknown ones are ignored)."""
     attrs = {
-        "name": req.config, "version": version, "previous": previous or "",
+        "config": req.config, "version": version, "previous": previous or "",
         "base": req.base, "kernel": manifest["kernel"], "initrd": manifest["initrd"],
         "ipxe": f"{req.config}/{version}/boot.ipxe",
         "pxelinux": f"{req.config}/{version}/pxelinux.cfg/default",
@@ -405,7 +407,7 @@ def sbs_payload(req: Request, version: str, previous: str | None, manifest: dict
         "initrd_sha256": manifest["initrd_sha256"], "built_at": manifest["built_at"],
     }
     body = " ".join(f"{key}={quoteattr(value)}" for key, value in attrs.items())
-    return f'<?xml version="1.0" encoding="utf-8"?>\n<PrebootConfig {body}/>\n'.encode()
+    return f'<?xml version="1.0" encoding="utf-8"?>\n<Update><Image {body}/></Update>\n'.encode()
 
 
 def pxe_update(req: Request, version: str, previous: str | None, manifest: dict,
