@@ -61,7 +61,7 @@ def tasks_waiting(conn: sqlite3.Connection) -> set[str]:
 class Summary:
     waiting: int                # events not yet accepted by the server
     oldest_s: float | None      # age of the oldest one, None if none waits
-    body_bytes: int = 0         # their JSON bodies together (summary() only)
+    body_bytes: int = 0         # their JSON bodies together (only when asked: sizes=True)
 
 
 def _depth(conn: sqlite3.Connection, sizes: bool = False) -> Summary:
@@ -72,8 +72,9 @@ def _depth(conn: sqlite3.Connection, sizes: bool = False) -> Summary:
     return Summary(count, (time.time() - oldest) if oldest else None, int(size))
 
 
-def summary(state_dir: str | Path) -> Summary:
+def summary(state_dir: str | Path, sizes: bool = False) -> Summary:
     """The outbox of the agent in ``state_dir``, read only (it may be running).
+    ``sizes`` also adds up the bodies (reads every row: not for status or doctor).
 
     Raises DsagentError naming the file if there is none yet or it cannot be read.
     """
@@ -83,7 +84,7 @@ def summary(state_dir: str | Path) -> Summary:
     try:
         conn = connect_read_only(path)
         try:
-            return _depth(conn, sizes=True)
+            return _depth(conn, sizes=sizes)
         finally:
             conn.close()
     except sqlite3.Error as exc:

@@ -19,7 +19,7 @@ import time
 
 from agent.common.config import Config
 from agent.common.errors import AuthError, DsagentError, ServerError
-from agent.common.process import start
+from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier, NotifyListener
 from agent.common.statedb import db_path
@@ -148,7 +148,7 @@ class Uploader:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        uploader = Uploader(start("ctdataloader", argv))
+        uploader = Uploader(process.start("ctdataloader", argv, "ctdataloader"))
     except (DsagentError, OSError) as exc:
         log.error("%s", exc)
         return 2

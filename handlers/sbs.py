@@ -159,7 +159,6 @@ def dsagent_cancel_task(task):
     stop_wake(task.id)
 
 
-
 # ---- dsagent doctor ---------------------------------------------------------------
 
 def check_sbs(config: dict) -> CheckResult:

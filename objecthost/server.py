@@ -18,7 +18,7 @@ from collections import Counter
 
 from agent.common.config import parse_hostport
 from agent.common.errors import ConfigError
-from agent.common.process import start
+from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.tickle import MAX_LINE, load_hop_key, make_wake
 from objecthost.connections import Connections
@@ -206,7 +206,8 @@ def _raise_fd_limit(connections: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m objecthost --config FILE``: 0 after a signal, 2 bad config, 1 cannot start."""
     try:
-        config = start("objecthost", argv, "Accept signed tickles (PROTOCOL.md §2) and wake the CTA.")
+        config = process.start("objecthost", argv, "python -m objecthost",
+                       "Accept signed tickles (PROTOCOL.md §2) and wake the CTA.")
         listen_host, listen_port = parse_hostport(
             config.get("objecthost", "listen"), f"{config.path}: [objecthost] listen")
         cta_host, cta_port = parse_hostport(config.get("cta", "listen"), f"{config.path}: [cta] listen")

@@ -55,7 +55,6 @@ class TickleFailed(DsagentError):
     """A tickle could not be sent (unknown client, no address, unreachable)."""
 
 
-
 def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
                   addr: str | None = None) -> str:
     """Send a signed tickle to ``client_id``'s objecthost; return its answer line.

@@ -120,6 +120,13 @@ def test_the_architecture_page_shows_the_same_table():
     assert shown == ALLOWED
 
 
+def test_the_package_roots_import_nothing():
+    """``agent/__init__.py`` holds only the version, so that importing any
+    part of the agent (the objecthost's plumbing) pulls nothing else in."""
+    assert imports_of(ROOT / "agent" / "__init__.py") <= {"__future__"}
+    assert imports_of(ROOT / "handlers" / "__init__.py") == set()
+
+
 def test_handlers_shared_has_no_hooks():
     for path in (ROOT / "handlers" / "shared").rglob("*.py"):
         assert "hookimpl" not in path.read_text(), f"{path}: handlers.shared is a library"

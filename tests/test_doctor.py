@@ -529,3 +529,11 @@ def test_a_check_name_registered_twice_fails_naming_both_plugins(tmp_path, serve
     assert checks["pxeplus"]["finding"] == ("handler plugin 'pxeplus' registers a doctor check "
                                             "named 'clock', like one of the doctor's own: it "
                                             "does not run")
+
+
+def test_a_handler_check_names_the_config_file(tmp_path, server, store):
+    """A plugin's check says "the agent's config"; the doctor names the file."""
+    config = write_config(tmp_path / "agent.toml", server.url, store.enroll("pc-9"))
+    code, checks = doctor(config)
+    assert checks["sbs"]["status"] == "skip"
+    assert str(config) in checks["sbs"]["action"], checks["sbs"]

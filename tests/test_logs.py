@@ -28,7 +28,7 @@ PY = sys.executable
 
 def _writer(log_dir: Path, process: str, lines: int, *, max_bytes=0, backups=5,
             fmt="text", env_extra=None, stderr=subprocess.DEVNULL, task="t-1"):
-    """A separate process logging ``lines`` records through agent.logsetup."""
+    """A separate process logging ``lines`` records through agent.common.logsetup."""
     code = textwrap.dedent(f"""
         import logging
         from agent.common.logsetup import LogSettings, setup_logging, task_context

@@ -209,9 +209,10 @@ def test_handlers_lists_each_types_parameters(tmp_path):
     result = run_handlers_cmd(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     listed: dict[str, list[str]] = {}
+    current = ""
     for line in result.stdout.splitlines()[1:]:
         if line.startswith("    "):
-            listed[current].append(line.strip())
+            listed[current].append(line.strip())   # a parameter of the type above
         else:
             current = line.split()[0]
             listed[current] = []

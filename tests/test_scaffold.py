@@ -175,3 +175,12 @@ def test_generated_package_installs_and_passes_its_test_in_a_fresh_venv(tmp_path
     assert ["Acme.Inventory", "acme_inventory", "0.1.0"] in rows, listed.stdout
     assert ["RunScript", "runscript", "0.1.0"] in rows
     assert "Example.Echo" not in listed.stdout  # the project venv's example handler stayed out
+
+
+def test_the_default_task_type_keeps_the_names_capitals():
+    from agent.tools.scaffold import default_task_type, module_name
+
+    assert module_name("AcmeInventory") == "acmeinventory"
+    assert default_task_type("AcmeInventory") == "AcmeInventory"   # not Acmeinventory
+    assert default_task_type("acme-inventory") == default_task_type("Acme.Inventory") == \
+        "AcmeInventory"

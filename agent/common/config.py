@@ -53,6 +53,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "trace": {"listen": (str, "")},
 }
 
+
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:port``); raise ConfigError if bad."""
     host, sep, port = value.rpartition(":")

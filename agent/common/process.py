@@ -13,13 +13,14 @@ from agent.common.config import Config, load_config
 from agent.common.logsetup import setup_logging
 
 
-def start(process: str, argv: list[str] | None, description: str = "") -> Config:
-    """Parse ``--config FILE``, set up logging, and load the config.
+def start(process: str, argv: list[str] | None, prog: str, description: str = "") -> Config:
+    """Parse ``--config FILE`` (usage shown as ``prog``), set up logging for
+    ``process``, and load the config.
 
     Raises what ``load_config`` raises (ConfigError), already able to be
     logged where the config says.
     """
-    parser = argparse.ArgumentParser(prog=f"dsagent-{process}", description=description or None)
+    parser = argparse.ArgumentParser(prog=prog, description=description or None)
     parser.add_argument("--config", required=True, metavar="FILE", help="the agent's TOML config")
     args = parser.parse_args(argv)
     setup_logging(process)

@@ -2,7 +2,9 @@
 
 One SQLite file holds the CTA's task states (agent/cta/taskdb.py) and the
 status outbox (ctdataloader/outbox.py), so that a state change and its event
-are one transaction. Both sides open it here, with the same settings.
+are one transaction. Both sides open it here: WAL, and ``synchronous=FULL``
+for the CTA; the uploader's deletes may use NORMAL (a lost delete only
+re-sends an event the server de-duplicates).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Parse a <ClientTasks> document (PROTOCOL.md §3) safely into Task objects.
+"""<ClientTasks> documents (PROTOCOL.md §3): parsed safely into Task objects
+(the CTA, ``dsagent run-task``) and rendered (``render_client_tasks``: the
+reference server, the ``dsagent_run`` fixture), so both sides agree.
 
 Safety: a size limit before parsing; no DTD at all (so no entity of any kind,
 internal or external); an element depth limit enforced while parsing, so
@@ -195,6 +197,7 @@ def _parse_parameters(blocks: list) -> dict[str, str]:
             raise _Refuse(f"parameter '{name}' is given twice")
         params[name] = item.get("#text") or ""
     return params
+
 
 _TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord('"'): "&quot;",
                  ord("'"): "&apos;", ord("\r"): "&#13;"}

@@ -31,7 +31,7 @@ from agent.common.config import Config, parse_hostport
 from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
 from agent.common.events import TERMINAL
 from agent.common.logsetup import task_context
-from agent.common.process import start
+from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier
 from agent.cta.runner import execute
@@ -346,7 +346,7 @@ class CTA:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cta = CTA(start("cta", argv))   # logging set up for its workers too
+        cta = CTA(process.start("cta", argv, "dsagent-cta"))   # logging set up for its workers too
     except DsagentError as exc:
         log.error("%s", exc)
         return 2

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.common.events import TERMINAL, TransitionError, check_transition, make_event
-from agent.common.statedb import connect, write_transaction
+from agent.common.statedb import connect, connect_read_only, write_transaction
 from agent.common.task import Task
 from ctdataloader import outbox
 
@@ -198,3 +198,20 @@ class AgentDB:
                 (time.time() - older_than_s,)).fetchall() if tid not in waiting]
             conn.executemany("DELETE FROM tasks WHERE task_id=?", old)
         return len(old)
+
+
+def unfinished_tasks(path: str | Path) -> list[tuple[str, str, str, float]]:
+    """Read only, for ``dsagent status`` while the CTA runs: (task_id, type,
+    state, updated_at) of every task not in a terminal state, in arrival
+    order. A file the CTA has not set up yet (the ctdataloader made it) has none."""
+    conn = connect_read_only(path)
+    try:
+        return conn.execute(
+            "SELECT task_id, type, state, updated_at FROM tasks WHERE terminal_event IS NULL "
+            "ORDER BY rowid").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []
+    finally:
+        conn.close()

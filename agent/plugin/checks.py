@@ -4,7 +4,9 @@ A handler knows its own classic failures (an SBS folder nobody empties,
 driver packages not replicated yet, a full image store); it registers a
 ``DoctorCheck`` and the doctor runs it with the [handlers] config section
 and prints its ``CheckResult`` like any of its own checks. A check only
-reads (or probes and cleans up after itself).
+reads (or probes and cleans up after itself). Where its finding or action
+would name the config file, it says "the agent's config": the doctor puts
+that file's path there.
 """
 
 from __future__ import annotations
@@ -46,4 +48,3 @@ class DoctorCheck:
                              f"letters, digits, '.', '_' or '-', got {self.name!r}")
         if not callable(self.run):
             raise TypeError(f"doctor check {self.name!r}: run must be callable")
-

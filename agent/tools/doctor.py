@@ -347,7 +347,8 @@ class Doctor:
             return Result(check.name, "fail", f"handler plugin '{plugin}': its doctor check "
                           f"returned {type(result).__name__}, not a CheckResult",
                           f"upgrade the package of '{plugin}' or report it to its authors")
-        return Result(check.name, result.status, result.finding, result.action)
+        finding, action = (_name_config(t, self.path) for t in (result.finding, result.action))
+        return Result(check.name, result.status, finding, action)
 
     # ---- what the processes reported (agent/common/statusfile.py) ----------------------
     def check_tickles(self) -> Result:
@@ -386,7 +387,6 @@ class Doctor:
                           "(dsagent logs --since 1h shows the uploads)")
         return Result(name, "ok", f"{depth} status event(s) waiting"
                       + (f", the oldest for {human_age(oldest)}" if oldest is not None else ""))
-
 
     # ---- handler plugins ------------------------------------------------------------
     def check_handlers(self) -> Result:
@@ -438,6 +438,11 @@ def _broken(name: str, plugin: str, what: str, exc: Exception) -> Result:
 
 def _constant(result: Result) -> Callable[[], Result]:
     return lambda: result
+
+
+def _name_config(text: str, path: str) -> str:
+    """A plugin check says "the agent's config"; the doctor knows which file."""
+    return text.replace("the agent's config", path)
 
 
 def _overlaps(host: str, bound: str) -> bool:

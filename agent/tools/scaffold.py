@@ -88,9 +88,10 @@ def check_task_type(task_type: str) -> None:
                             "with --task-type")
 
 
-def default_task_type(module: str) -> str:
-    """``acme_inventory`` -> ``AcmeInventory``."""
-    return "".join(part.capitalize() for part in module.split("_"))
+def default_task_type(name: str) -> str:
+    """From NAME as typed, keeping its capitals: ``acme-inventory`` and
+    ``acme_inventory`` -> ``AcmeInventory``, ``AcmeInventory`` stays."""
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]+", name) if part)
 
 
 def new_handler(name: str, directory: str | os.PathLike = ".",
@@ -105,7 +106,7 @@ def new_handler(name: str, directory: str | os.PathLike = ".",
     if target.exists() or target.is_symlink():
         raise ScaffoldError(f"{target} already exists; choose another NAME or --dir")
     check_not_installed(name, module)
-    task_type = task_type or default_task_type(module)
+    task_type = task_type or default_task_type(name)
     check_task_type(task_type)
     values = {"module": module, "task_type": task_type, "dist": distribution_name(name)}
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))

@@ -22,8 +22,9 @@ from typing import Any
 import psutil
 
 from agent.common.errors import DsagentError
-from agent.common.statedb import connect_read_only, db_path
+from agent.common.statedb import db_path
 from agent.common.statusfile import read_all
+from agent.cta.taskdb import unfinished_tasks
 from ctdataloader.outbox import summary as outbox_summary
 
 PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
@@ -54,17 +55,7 @@ def read_state_db(state_dir: Path) -> dict[str, Any]:
     path = db_path(state_dir)
     try:
         box = outbox_summary(state_dir)   # raises if there is no DB yet
-        conn = connect_read_only(path)
-        try:
-            tasks = conn.execute(
-                "SELECT task_id, type, state, updated_at FROM tasks WHERE terminal_event IS NULL "
-                "ORDER BY rowid").fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" not in str(exc):
-                raise
-            tasks = []   # the ctdataloader made the file before the CTA's first start
-        finally:
-            conn.close()
+        tasks = unfinished_tasks(path)
     except DsagentError as exc:
         return {"error": str(exc)}
     except sqlite3.Error as exc:

@@ -168,7 +168,8 @@ def check(req: Request, report: Report, cancelled: Callable[[], bool]) -> Checke
     # progress: the bytes to hash (package folders' files, roughly) and the base initrd
     total = sum(tree_size(os.path.join(req.package_store, pid)) for pid in req.drivers)
     total += os.path.getsize(initrd)
-    progress = Progress(total, report, "checking driver packages and base", low=1, high=40)
+    progress = Progress(total, report, "checking driver packages and base", low=1, high=40,
+                        min_step=1, min_interval_s=1)   # the cadence ctx.progress keeps anyway
     report(1, f"checking {len(req.drivers)} driver package(s) and base {req.base!r}")
     checker = PackageChecker(req.package_store, cancelled, progress.add)
     files: list[DriverFile] = []
@@ -215,7 +216,7 @@ def build_version(req: Request, folder: str, version: str, checked: Checked, mom
     files, base_info = checked.files, checked.base_info
     kernel_src, initrd_src = checked.kernel, checked.initrd
     total = os.path.getsize(kernel_src) + base_info.size + sum(f.size for f in files)
-    progress = Progress(total, report, "building", low=40, high=95)
+    progress = Progress(total, report, "building", low=40, high=95, min_step=1, min_interval_s=1)
     prefix = f"{req.config}/{version}"
     kernel_sha, kernel_size = _copy(kernel_src, os.path.join(folder, "vmlinuz"), cancelled,
                                     progress.add)

@@ -619,4 +619,3 @@ def read_layout(read_at: Callable[[int, int], bytes], size: int, *,
     }
     return Ext4Layout(block_size=bs, blocks_count=sb.blocks_count, free_blocks=sb.free_blocks,
                       used_ranges=used_ranges, scan_ranges=scan_ranges, fs_bytes=fs_bytes, facts=facts)
-
