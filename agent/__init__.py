@@ -13,8 +13,24 @@ The agent's code, by role (docs/architecture.md draws the whole house):
 - ``agent.tools``: what operators run: the CLI and its commands (doctor,
   status, logs, trace, enroll, new-handler, run-task).
 
-This module imports nothing, so the objecthost stays on the standard library.
+This module imports nothing when it is imported, so the objecthost stays on
+the standard library. ``agent.hookimpl``, ``agent.errors`` and ``agent.tasks``
+are deprecated aliases for handlers written for 0.1 (use ``agent.plugin``).
 """
 
 __version__ = "0.1.0"
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str):
+    """``from agent import hookimpl`` (0.1): still works, with a warning."""
+    if name != "hookimpl":
+        raise AttributeError(f"module 'agent' has no attribute {name!r}")
+    import warnings
+
+    from agent.plugin import hookimpl
+
+    warnings.warn("'from agent import hookimpl' is deprecated: use 'from agent.plugin import "
+                  "hookimpl'", DeprecationWarning, stacklevel=2)
+    globals()["hookimpl"] = hookimpl   # warned once
+    return hookimpl

@@ -259,3 +259,34 @@ def test_the_plugin_api_is_exported_plainly_and_documented():
     for name in api.__all__:
         assert name in vars(api), name
         assert f"`{name}`" in guide, f"docs/handler-guide.md does not name {name}"
+
+
+OLD_STYLE_PLUGIN = '''
+from agent import hookimpl
+from agent.errors import TaskFailed
+from agent.tasks import TaskType
+
+
+@hookimpl
+def dsagent_task_types(register):
+    register(TaskType("Old.Fail", 30, "written for dsagent 0.1"))
+
+
+@hookimpl
+def dsagent_run_task(task, ctx):
+    raise TaskFailed("still works: " + task.parameters["why"])
+'''
+
+
+def test_a_handler_written_for_0_1_still_runs_and_is_told_to_upgrade(dsagent_run):
+    """agent.hookimpl, agent.errors and agent.tasks are deprecated aliases:
+    the handler runs, and the worker's log names the plugin and the fix."""
+    dsagent_run.plugin("old_style", OLD_STYLE_PLUGIN)
+    run = dsagent_run("Old.Fail", {"why": "0.1 imports"}, timeout=30)
+    assert run.states == ["received", "running", "failed"], run.log
+    assert run.message == "still works: 0.1 imports"
+    told = [line for line in run.log.splitlines() if 'plugin "old_style": ' in line]
+    for fix in ("use 'from agent.plugin import hookimpl'",
+                "agent.errors is deprecated: import the errors from agent.plugin",
+                "agent.tasks is deprecated"):
+        assert any(fix in line for line in told), run.log

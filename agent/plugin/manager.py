@@ -16,6 +16,7 @@ import importlib.metadata
 import logging
 import os
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -103,7 +104,11 @@ def load_handlers(*, entry_points: bool = True,
             if pm.has_plugin(ep.name) or ep.name in registry.broken:
                 continue
             try:
-                plugin = ep.load()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", DeprecationWarning)
+                    plugin = ep.load()
+                for warning in caught:   # e.g. a handler written for 0.1 (agent.errors)
+                    log.warning('plugin "%s": %s', ep.name, warning.message)
                 pm.register(plugin, name=ep.name)
             except Exception:  # a broken plugin must not take the others down
                 error = traceback.format_exc()
