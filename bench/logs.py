@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"`dsagent logs --task` over {total:,} lines ({size / 2**20:.0f} MiB, "
                      f"4 files)", f"{took:.2f} s, peak RSS {rss:.0f} MiB, {printed} lines"))
         took, rss, printed = logs_command(tmp / "logs", "-n", "100")
-        rows.append((f"`dsagent logs -n 100` over the same", f"{took:.2f} s, peak RSS {rss:.0f} MiB"))
+        rows.append(("`dsagent logs -n 100` over the same", f"{took:.2f} s, peak RSS {rss:.0f} MiB"))
         lat = sorted(follow_latency(tmp / "logs", 20 if args.quick else 100))
         rows.append(("`--follow` / remote trace: line written → seen (200 ms poll), p50 / max",
                      f"{lat[len(lat) // 2] * 1000:.0f} ms / {lat[-1] * 1000:.0f} ms"))
