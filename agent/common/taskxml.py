@@ -2,10 +2,8 @@
 (the CTA, ``dsagent run-task``) and rendered (``render_client_tasks``: the
 reference server, the ``dsagent_run`` fixture), so both sides agree.
 
-Safety: a size limit before parsing; no DTD at all (so no entity of any kind,
-internal or external); an element depth limit enforced while parsing, so
-neither billion laughs nor deep nesting can cost memory. Bad input never
-raises anything but TaskDocumentError.
+Safety: agent/common/safexml.py (size and depth limits, no DTD). Bad input
+never raises anything but TaskDocumentError.
 
 Outcomes, as §3 says:
 - the document is unusable -> TaskDocumentError (logged, the pull retried later);
@@ -19,11 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from xml.parsers import expat as _expat
-
-import xmltodict
 
 from agent.common.errors import TaskDocumentError
+from agent.common.safexml import XMLRefused, parse_xml
 from agent.common.task import Task
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
@@ -52,64 +48,14 @@ class _Refuse(Exception):
     pass
 
 
-class _GuardedParser:
-    """An expat parser that refuses DTDs and nesting deeper than MAX_DEPTH."""
-
-    def __init__(self, parser):
-        object.__setattr__(self, "_parser", parser)
-        object.__setattr__(self, "_depth", 0)
-        parser.StartDoctypeDeclHandler = self._doctype
-
-    def _doctype(self, *args):
-        raise _Refuse("a DTD (<!DOCTYPE>) is not allowed")
-
-    def __getattr__(self, name):
-        return getattr(self._parser, name)
-
-    def __setattr__(self, name, value):
-        if name == "StartElementHandler":
-            inner = value
-
-            def value(*args):  # noqa: E306 - wraps xmltodict's handler
-                object.__setattr__(self, "_depth", self._depth + 1)
-                if self._depth > MAX_DEPTH:
-                    raise _Refuse(f"elements nested deeper than {MAX_DEPTH}")
-                return inner(*args)
-        elif name == "EndElementHandler":
-            inner_end = value
-
-            def value(*args):  # noqa: E306
-                object.__setattr__(self, "_depth", self._depth - 1)
-                return inner_end(*args)
-        setattr(self._parser, name, value)
-
-
-class _GuardedExpat:
-    ExpatError = _expat.ExpatError
-
-    @staticmethod
-    def ParserCreate(*args, **kwargs):
-        return _GuardedParser(_expat.ParserCreate(*args, **kwargs))
-
-
 def parse_client_tasks(data: bytes | str, client_id: str | None = None,
                        max_bytes: int = MAX_DOCUMENT_BYTES) -> ParsedDocument:
     """Parse and validate a <ClientTasks> document (see module docstring)."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    if len(data) > max_bytes:
-        raise TaskDocumentError(f"document is {len(data)} bytes, over the {max_bytes}-byte limit")
     try:
-        doc = xmltodict.parse(data, expat=_GuardedExpat, disable_entities=True,
-                              strip_whitespace=False, force_list=("Task", "Parameter", "Parameters"))
-    except _Refuse as exc:
+        doc = parse_xml(data, max_bytes=max_bytes, max_depth=MAX_DEPTH, strip_whitespace=False,
+                        force_list=("Task", "Parameter", "Parameters"))
+    except XMLRefused as exc:
         raise TaskDocumentError(str(exc)) from None
-    except _expat.ExpatError as exc:
-        raise TaskDocumentError(f"not well-formed XML: {exc}") from None
-    except ValueError as exc:  # xmltodict refuses entity declarations this way
-        raise TaskDocumentError(f"refused XML: {exc}") from None
-    except LookupError as exc:  # <?xml encoding="..."?> names no (text) codec
-        raise TaskDocumentError(f"refused XML: {exc}") from None
     if not isinstance(doc, dict) or list(doc) != ["ClientTasks"]:
         root = next(iter(doc), None) if isinstance(doc, dict) else None
         raise TaskDocumentError(f"root element is <{root}>, expected <ClientTasks>")
