@@ -141,3 +141,41 @@ def test_plugin_settings_tables_are_checked_for_shape():
         check_config({**base, "handlers": {"endpoint": "https://x"}}, "a.toml")
     with pytest.raises(ConfigError, match=r"\[handlers\] sbs_dir must be a str"):
         check_config({**base, "handlers": {"sbs_dir": {"x": 1}}}, "a.toml")
+
+
+PXE_BASE = {"agent": {"server_url": "http://127.0.0.1:1", "state_dir": "/tmp/x"},
+            "handlers": {"sbs_dir": "/srv/sbs/SBS", "preboot_store": "/srv/preboot"}}
+
+
+def test_pxe_section_per_protocol_6():
+    from agent.common.config import pxe_tftp_root
+
+    config = check_config({**PXE_BASE, "pxe": {"interface": "eth1"}}, "a.toml")
+    assert config.get("pxe", "interface") == "eth1" and pxe_tftp_root(config) == "/srv/preboot"
+    config = check_config({**PXE_BASE, "pxe": {"interface": "enp0s31f6.100",
+                                               "tftp_root": "/srv/tftp"}}, "a.toml")
+    assert pxe_tftp_root(config) == "/srv/tftp"
+    assert not check_config(PXE_BASE, "a.toml").has_section("pxe")
+
+
+@pytest.mark.parametrize("pxe, handlers, message", [
+    ({}, None, "missing required key 'interface' in [pxe]"),
+    ({"interface": ""}, None, "is not a Linux interface name"),
+    ({"interface": "a" * 16}, None, "is not a Linux interface name"),
+    ({"interface": "eth/1"}, None, "is not a Linux interface name"),
+    ({"interface": "eth 1"}, None, "is not a Linux interface name"),
+    ({"interface": "eth0:1"}, None, "is not a Linux interface name"),
+    ({"interface": ".."}, None, "is not a Linux interface name"),
+    ({"interface": 3}, None, "[pxe] interface must be a str"),
+    ({"interface": "eth1", "tftp_root": "srv"}, None, "tftp_root must be an absolute path"),
+    ({"interface": "eth1", "dhcp": True}, None, "unknown key 'dhcp' in [pxe]"),
+    ({"interface": "eth1"}, {"preboot_store": "/p"}, "[pxe] needs [handlers] sbs_dir"),
+    ({"interface": "eth1"}, {"sbs_dir": "/s"}, "[pxe] needs tftp_root, or [handlers] preboot_store"),
+])
+def test_bad_pxe_section_is_refused(pxe, handlers, message):
+    raw = {**PXE_BASE, "pxe": pxe}
+    if handlers is not None:
+        raw["handlers"] = handlers
+    with pytest.raises(ConfigError) as err:
+        check_config(raw, "a.toml")
+    assert message in str(err.value) and "a.toml" in str(err.value)

@@ -86,12 +86,14 @@ def test_config_template_is_a_valid_config(tmp_path):
     config = load_config(template)
     assert config.state_dir == Path("/var/lib/dsagent")
     assert not any(config.get("agent", k) for k in ("token", "tickle_key", "enrollment_key"))
+    assert not config.has_section("pxe")
     # Its commented examples, uncommented, are valid too and show every
-    # [logging] and [trace] key.
+    # [logging], [trace] and [pxe] key.
     examples = tmp_path / "examples.toml"
-    examples.write_text(re.sub(r"^# (\w+ = .+)$", r"\1", template.read_text(), flags=re.M))
+    examples.write_text(re.sub(r"^# (\w+ = .+|\[\w+\])$", r"\1", template.read_text(),
+                               flags=re.M))
     uncommented = load_config(examples, check_mode=False)
-    for section in ("logging", "trace"):
+    for section in ("logging", "trace", "pxe"):
         assert set(uncommented.sections[section]) == set(SCHEMA[section]), section
     assert uncommented.get("logging", "dir") == "/var/log/dsagent"
 

@@ -15,6 +15,8 @@ Extensions to §6 (documented in docs/config.md):
 - ``[logging]``: ``dir`` (default ``<state_dir>/logs``), ``format`` of stderr
   (``text`` or ``json``), ``level``, ``max_bytes`` and ``backups`` of each
   rotated file (see agent/common/logsetup.py).
+- ``[pxe]`` (§6): needs ``[handlers] sbs_dir`` too (the folder the PXE
+  Interface reads); ``tftp_root`` defaults to ``[handlers] preboot_store``.
 - ``[trace] listen``: the remote trace stream (the seed's Remote Trace), off
   when empty; see agent/tools/trace.py.
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
@@ -51,6 +53,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "logging": {"dir": (str, ""), "format": (str, "text"), "level": (str, "INFO"),
                 "max_bytes": (int, 10 * 1024 * 1024), "backups": (int, 5)},
     "trace": {"listen": (str, "")},
+    "pxe": {"interface": (str, REQUIRED), "tftp_root": (str, None)},
 }
 
 
@@ -255,9 +258,37 @@ def _check_values(config: Config) -> None:
             bytes.fromhex(key)
         except ValueError as exc:
             raise ConfigError(f"{where}: [agent] tickle_key must be hex") from exc
+    if config.has_section("pxe"):
+        _check_pxe(config)
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
+
+
+IFNAME_FORBIDDEN = re.compile(r"[/:\s]")
+
+
+def _check_pxe(config: Config) -> None:
+    """``[pxe]`` (§6): a Linux interface name; the folders the PXE process needs."""
+    where = config.path
+    name = config.get("pxe", "interface")
+    if not 1 <= len(name) <= 15 or IFNAME_FORBIDDEN.search(name) or name in (".", ".."):
+        raise ConfigError(f"{where}: [pxe] interface {name!r} is not a Linux interface name "
+                          "(1-15 characters, no '/', ':' or whitespace)")
+    if not config.get("handlers", "sbs_dir"):
+        raise ConfigError(f"{where}: [pxe] needs [handlers] sbs_dir (the SBS folder the PXE "
+                          "Interface reads)")
+    root = pxe_tftp_root(config)
+    if not root:
+        raise ConfigError(f"{where}: [pxe] needs tftp_root, or [handlers] preboot_store as "
+                          "its default")
+    if not os.path.isabs(root):
+        raise ConfigError(f"{where}: [pxe] tftp_root must be an absolute path, got {root!r}")
+
+
+def pxe_tftp_root(config: Config) -> str | None:
+    """``[pxe] tftp_root``, by default ``[handlers] preboot_store`` (§6)."""
+    return config.get("pxe", "tftp_root") or config.get("handlers", "preboot_store")
 
 
 def toml_value(value: Any) -> str:
