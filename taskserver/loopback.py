@@ -20,7 +20,8 @@ import psutil
 from taskserver.app import TaskServer
 from taskserver.store import TaskStore
 
-CHILD_MODULES = {"objecthost": "objecthost", "cta": "agent.cta", "ctdataloader": "ctdataloader"}
+CHILD_MODULES = {"objecthost": "objecthost", "cta": "agent.cta", "ctdataloader": "ctdataloader",
+                 "pxe": "agent.pxe"}
 
 
 def free_port() -> int:

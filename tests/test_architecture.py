@@ -74,6 +74,7 @@ ALLOWED = {
     "agent.common": set(),
     "agent.plugin": {"agent.common"},
     "ctdataloader": {"agent.common"},
+    "agent.pxe": {"agent.common"},
     "objecthost": {"agent.common"},
     "agent.cta": {"agent.common", "agent.plugin", "ctdataloader"},
     "agent.supervisor": {"agent.common", "agent.tools"},

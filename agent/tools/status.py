@@ -28,6 +28,7 @@ from agent.cta.taskdb import unfinished_tasks
 from ctdataloader.outbox import summary as outbox_summary
 
 PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
+OPTIONAL = ("pxe",)   # listed when the supervisor runs it (or ran it: its facts are there)
 NOT_RUNNING = 3
 MAX_LISTED_TASKS = 20
 
@@ -72,7 +73,8 @@ def gather(state_dir: Path) -> dict[str, Any]:
     facts = read_all(state_dir)
     now = time.time()
     processes = {}
-    for name in PROCESSES:
+    children = facts.get("dsagent", {}).get("children", {})
+    for name in PROCESSES + tuple(n for n in OPTIONAL if n in children or n in facts):
         info = _process(facts.get(name))
         if name != "dsagent":
             info["restarts"] = facts.get("dsagent", {}).get("children", {}).get(name, {}) \
@@ -94,7 +96,12 @@ def gather(state_dir: Path) -> dict[str, Any]:
         },
         "tickles": {key: host.get(key) for key in
                     ("accepted", "refused", "last_accepted", "last_refused")},
+        **({"pxe": {key: facts["pxe"].get(key) for key in PXE_FACTS}} if "pxe" in facts else {}),
     }
+
+
+PXE_FACTS = ("applied", "rejected", "waiting", "computers", "predefined", "images",
+             "last_applied", "last_rejected", "last_error")
 
 
 def _ago(moment: float | None, now: float) -> float | None:
@@ -163,7 +170,26 @@ def render(status: dict[str, Any]) -> str:
             f"{human_age(time.time() - last.get('at', 0))} ago from {format_peer(last.get('peer'))}"
             + (f" ({last['code']})" if last.get("code") else ""))
         lines.append(f"tickles {kind}: {tickles.get(kind) or 0}; last {text}")
+    if "pxe" in status:
+        lines.extend(_render_pxe(status["pxe"]))
     return "\n".join(lines)
+
+
+def _render_pxe(pxe: dict[str, Any]) -> list[str]:
+    last = pxe.get("last_applied")
+    lines = [f"pxe: {pxe.get('computers') or 0} computer(s), {pxe.get('predefined') or 0} "
+             f"predefined, {pxe.get('images') or 0} image(s); files applied "
+             f"{pxe.get('applied') or 0}, rejected {pxe.get('rejected') or 0}, waiting "
+             f"{pxe.get('waiting') or 0}"]
+    if last:
+        lines.append(f"  last applied {human_age(time.time() - last.get('at', 0))} ago: "
+                     f"{last.get('file')} ({last.get('change')})")
+    for key in ("last_rejected", "last_error"):
+        if pxe.get(key):
+            what = pxe[key].get("reason") or pxe[key].get("message")
+            age = human_age(time.time() - pxe[key].get("at", 0))
+            lines.append(f"  {key.replace('_', ' ')} {age} ago: {what}")
+    return lines
 
 
 def show(state_dir: Path, as_json: bool, out=sys.stdout) -> int:
