@@ -39,101 +39,8 @@ class SBSParseError(Exception):
     """The file is not a §7 document; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
-class Computer:
-    mac: str                  # lowercase, ':'-separated
-    action: str               # automation | production | ignore
-    config: str | None = None
-    id: str | None = None
-
-
-@dataclass(frozen=True)
-class RemoveComputer:
-    mac: str
-
-
-@dataclass(frozen=True)
-class Image:
-    config: str
-    version: str | None = None
-
-
-@dataclass(frozen=True)
-class RemoveImage:
-    config: str
-
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    value: str
-
-
-Change = Union[Computer, RemoveComputer, Image, RemoveImage, Setting]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """initialPXEConfigPath.sbs: every setting (replaces them all)."""
-    values: dict
-
-
-@dataclass(frozen=True)
-class Computers:
-    """A whole computer list: managed (``NNNNNNNNNN-client.sbs``) or predefined."""
-    predefined: bool
-    computers: tuple
-
-
-@dataclass(frozen=True)
-class Images:
-    images: tuple
-
-
-@dataclass(frozen=True)
-class Update:
-    change: Change
-
-
-Document = Union[Settings, Computers, Images, Update]
-
-
 class _Bad(Exception):
     pass
-
-
-def kind_of(name: str) -> str | None:
-    """The document kind a file name stands for, or None."""
-    return next((kind for pattern, kind in NAMES if pattern.fullmatch(name)), None)
-
-
-def parse_sbs(name: str, data: bytes) -> Document:
-    """Parse the file ``name`` holding ``data``; raise SBSParseError if it is bad."""
-    kind = kind_of(name)
-    try:
-        if kind is None:
-            raise _Bad("not an SBS file name (initialPXEConfigPath.sbs, NNNNNNNNNN-client.sbs, "
-                       "NNNNNNNNNN-image.sbs, PredefinedComputers.sbs or <uuid>.sbs)")
-        try:
-            doc = parse_xml(data, max_bytes=MAX_FILE_BYTES, max_depth=MAX_DEPTH,
-                            force_list=("Computer", "Image", "Setting", "RemoveComputer",
-                                        "RemoveImage"))
-        except XMLRefused as exc:
-            raise _Bad(str(exc)) from None
-        root_name = ROOTS[kind]
-        if list(doc) != [root_name]:
-            raise _Bad(f"root element is <{next(iter(doc), None)}>, expected <{root_name}> "
-                       f"for a {kind} file")
-        children = _children(root_name, doc[root_name])
-        if kind == "settings":
-            return Settings(_settings(children))
-        if kind in ("managed", "predefined"):
-            return Computers(kind == "predefined", _computer_list(children))
-        if kind == "images":
-            return Images(_image_list(children))
-        return Update(_update(children))
-    except _Bad as exc:
-        raise SBSParseError(f"{name}: {exc}") from None
 
 
 def _children(element: str, node) -> dict[str, list]:
@@ -212,6 +119,14 @@ def _config_name(element: str, raw: str | None, required: bool) -> str | None:
     return value
 
 
+@dataclass(frozen=True)
+class Computer:
+    mac: str                  # lowercase, ':'-separated
+    action: str               # automation | production | ignore
+    config: str | None = None
+    id: str | None = None
+
+
 def _computer(node) -> Computer:
     attrs, _ = _attrs("Computer", node)
     mac = _mac("Computer", attrs)
@@ -223,10 +138,27 @@ def _computer(node) -> Computer:
     return Computer(mac, action, _config_name("Computer", attrs.get("config"), False), ident)
 
 
+@dataclass(frozen=True)
+class RemoveComputer:
+    mac: str
+
+
+@dataclass(frozen=True)
+class Image:
+    config: str
+    version: str | None = None
+
+
 def _image(node) -> Image:
     attrs, _ = _attrs("Image", node)
     config = _config_name("Image", attrs.get("config"), True)
     return Image(config, (attrs.get("version") or "").strip() or None)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    value: str
 
 
 def _setting(node) -> Setting:
@@ -242,41 +174,62 @@ def _setting(node) -> Setting:
     return Setting(name, value)
 
 
+@dataclass(frozen=True)
+class RemoveImage:
+    config: str
+
+
+Change = Union[Computer, RemoveComputer, Image, RemoveImage, Setting]
+
+
+def _unique(children: dict[str, list], root: str, element: str, parse, key) -> list:
+    """The ``element`` children of ``root``, parsed; one ``key`` listed twice is refused."""
+    _only(children, root, (element,))
+    seen: set[str] = set()
+    items = []
+    for node in children.get(element, []):
+        item = parse(node)
+        if key(item) in seen:
+            raise _Bad(f"{element} {key(item)} is listed twice in <{root}>")
+        seen.add(key(item))
+        items.append(item)
+    return items
+
+
+@dataclass(frozen=True)
+class Settings:
+    """initialPXEConfigPath.sbs: every setting (replaces them all)."""
+    values: dict
+
+
 def _settings(children: dict[str, list]) -> dict[str, str]:
-    _only(children, "PXEConfig", ("Setting",))
-    values: dict[str, str] = {}
-    for node in children.get("Setting", []):
-        setting = _setting(node)
-        if setting.name in values:
-            raise _Bad(f"setting {setting.name} is given twice")
-        values[setting.name] = setting.value
-    return values
+    return {s.name: s.value for s in _unique(children, "PXEConfig", "Setting", _setting,
+                                             lambda s: s.name)}
+
+
+@dataclass(frozen=True)
+class Computers:
+    """A whole computer list: managed (``NNNNNNNNNN-client.sbs``) or predefined."""
+    predefined: bool
+    computers: tuple
 
 
 def _computer_list(children: dict[str, list]) -> tuple:
-    _only(children, "Computers", ("Computer",))
-    seen: set[str] = set()
-    computers = []
-    for node in children.get("Computer", []):
-        computer = _computer(node)
-        if computer.mac in seen:
-            raise _Bad(f"MAC {computer.mac} is listed twice")
-        seen.add(computer.mac)
-        computers.append(computer)
-    return tuple(computers)
+    return tuple(_unique(children, "Computers", "Computer", _computer, lambda c: c.mac))
+
+
+@dataclass(frozen=True)
+class Images:
+    images: tuple
 
 
 def _image_list(children: dict[str, list]) -> tuple:
-    _only(children, "Images", ("Image",))
-    seen: set[str] = set()
-    images = []
-    for node in children.get("Image", []):
-        image = _image(node)
-        if image.config in seen:
-            raise _Bad(f"image {image.config} is listed twice")
-        seen.add(image.config)
-        images.append(image)
-    return tuple(images)
+    return tuple(_unique(children, "Images", "Image", _image, lambda i: i.config))
+
+
+@dataclass(frozen=True)
+class Update:
+    change: Change
 
 
 def _update(children: dict[str, list]) -> Change:
@@ -296,3 +249,40 @@ def _update(children: dict[str, list]) -> Change:
     if key == "RemoveImage":
         return RemoveImage(_config_name(key, _attrs(key, node)[0].get("config"), True))
     return _setting(node)
+
+
+Document = Union[Settings, Computers, Images, Update]
+
+
+def kind_of(name: str) -> str | None:
+    """The document kind a file name stands for, or None."""
+    return next((kind for pattern, kind in NAMES if pattern.fullmatch(name)), None)
+
+
+def parse_sbs(name: str, data: bytes) -> Document:
+    """Parse the file ``name`` holding ``data``; raise SBSParseError if it is bad."""
+    kind = kind_of(name)
+    try:
+        if kind is None:
+            raise _Bad("not an SBS file name (initialPXEConfigPath.sbs, NNNNNNNNNN-client.sbs, "
+                       "NNNNNNNNNN-image.sbs, PredefinedComputers.sbs or <uuid>.sbs)")
+        try:
+            doc = parse_xml(data, max_bytes=MAX_FILE_BYTES, max_depth=MAX_DEPTH,
+                            force_list=("Computer", "Image", "Setting", "RemoveComputer",
+                                        "RemoveImage"))
+        except XMLRefused as exc:
+            raise _Bad(str(exc)) from None
+        root_name = ROOTS[kind]
+        if list(doc) != [root_name]:
+            raise _Bad(f"root element is <{next(iter(doc), None)}>, expected <{root_name}> "
+                       f"for a {kind} file")
+        children = _children(root_name, doc[root_name])
+        if kind == "settings":
+            return Settings(_settings(children))
+        if kind in ("managed", "predefined"):
+            return Computers(kind == "predefined", _computer_list(children))
+        if kind == "images":
+            return Images(_image_list(children))
+        return Update(_update(children))
+    except _Bad as exc:
+        raise SBSParseError(f"{name}: {exc}") from None

@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS images (config TEXT PRIMARY KEY, version TEXT) WITHOU
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 MANAGED, PREDEFINED = "managed", "predefined"
+# an <Update>'s change -> (table, its row); a removal -> (table, key column, what)
+UPSERTS = {Computer: ("computers", lambda c: (MANAGED, c.mac, c.id, c.action, c.config)),
+           Image: ("images", lambda i: (i.config, i.version)),
+           Setting: ("settings", lambda s: (s.name, s.value))}
+REMOVALS = {RemoveComputer: ("computers", "mac", "computer"),
+            RemoveImage: ("images", "config", "image")}
 
 
 def pxe_db_path(state_dir: str | Path) -> Path:
@@ -95,27 +101,22 @@ class PXEState:
         raise TypeError(f"not an SBS document: {doc!r}")
 
     def _update(self, change) -> str:
-        db = self.db
+        if type(change) in REMOVALS:
+            table, column, what = REMOVALS[type(change)]
+            key = getattr(change, column)
+            gone = self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,)).rowcount
+            return f"{what} {key} removed" + ("" if gone else " (was not listed)")
+        if type(change) not in UPSERTS:
+            raise TypeError(f"not an SBS change: {change!r}")
+        table, row = UPSERTS[type(change)]
+        values = row(change)
+        self.db.execute(f"INSERT OR REPLACE INTO {table} VALUES "
+                        f"({', '.join('?' * len(values))})", values)
         if isinstance(change, Computer):
-            db.execute("INSERT OR REPLACE INTO computers VALUES (?, ?, ?, ?, ?)",
-                       (MANAGED, change.mac, change.id, change.action, change.config))
-            return (f"computer {change.mac} set: {change.action}"
-                    + (f" {change.config}" if change.config else ""))
-        if isinstance(change, RemoveComputer):
-            gone = db.execute("DELETE FROM computers WHERE mac = ?", (change.mac,)).rowcount
-            return f"computer {change.mac} removed" + ("" if gone else " (was not listed)")
+            return f"computer {change.mac} set: {change.action} {change.config or ''}".rstrip()
         if isinstance(change, Image):
-            db.execute("INSERT OR REPLACE INTO images VALUES (?, ?)",
-                       (change.config, change.version))
             return f"image {change.config} set: version {change.version or '-'}"
-        if isinstance(change, RemoveImage):
-            gone = db.execute("DELETE FROM images WHERE config = ?", (change.config,)).rowcount
-            return f"image {change.config} removed" + ("" if gone else " (was not listed)")
-        if isinstance(change, Setting):
-            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)",
-                       (change.name, change.value))
-            return f"setting {change.name} = {change.value}"
-        raise TypeError(f"not an SBS change: {change!r}")
+        return f"setting {change.name} = {change.value}"
 
     # ---- reading ---------------------------------------------------------------------
     def settings(self) -> dict[str, str]:
