@@ -51,7 +51,7 @@ def _backoffs(monkeypatch, value, n=7):
         monkeypatch.delenv(supervisor.BACKOFF_MAX_ENV, raising=False)
     else:
         monkeypatch.setenv(supervisor.BACKOFF_MAX_ENV, value)
-    sup = supervisor.Supervisor(SimpleNamespace(path="agent.toml"))
+    sup = supervisor.Supervisor(SimpleNamespace(path="agent.toml", has_section=lambda _: False))
     child = sup.children[0]
     seen = []
     for _ in range(n):

@@ -67,9 +67,9 @@ def test_agent_unit_hardening():
     unit = unit_settings("dsagent.service")
     assert unit["ExecStart"] == ["/opt/dsagent/venv/bin/dsagent run --config /etc/dsagent/agent.toml"]
     assert unit["Restart"] == ["on-failure"] and unit["KillMode"] == ["mixed"]
-    from agent.supervisor import CHILDREN, STOP_GRACE_S
-    # The supervisor drains its children one after the other.
-    assert int(unit["TimeoutStopSec"][0].rstrip("s")) > len(CHILDREN) * STOP_GRACE_S
+    from agent.supervisor import CHILDREN, PXE_CHILD, STOP_GRACE_S
+    # The supervisor drains its children one after the other (the PXE process too).
+    assert int(unit["TimeoutStopSec"][0].rstrip("s")) > len(CHILDREN + (PXE_CHILD,)) * STOP_GRACE_S
     for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
                        "ProtectHome": "yes", "ProtectKernelTunables": "yes",
                        "StateDirectory": "dsagent", "LogsDirectory": "dsagent",

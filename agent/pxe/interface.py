@@ -73,7 +73,8 @@ def waiting_files(sbs_dir: Path) -> list[tuple[str, int]]:
     try:
         with os.scandir(sbs_dir) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.endswith(".sbs"):
+                # any case, as UpdateSBSInfo counts them: a bad name is set aside, not left
+                if entry.name.startswith(".") or entry.name[-4:].lower() != ".sbs":
                     continue
                 try:
                     if entry.is_file(follow_symlinks=False):
