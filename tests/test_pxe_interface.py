@@ -365,3 +365,20 @@ def test_the_supervisor_starts_the_pxe_child_only_with_pxe(tmp_path, with_pxe):
             time.sleep(1)
             assert chain.child("pxe") is None
     assert (" pxe " in status.stdout) is with_pxe, status.stdout
+
+
+def test_a_missing_sbs_folder_is_said_once_and_taken_when_it_appears(tmp_path, pxe_process):
+    sbs = tmp_path / "sbs" / "SBS"
+    proc = pxe_process(write_config(tmp_path, sbs))
+    facts = wait_until(lambda: (read_all(tmp_path / "state").get("pxe") or {}).get("last_error"),
+                       20, "the PXE process to report the missing folder")
+    assert f"cannot list the SBS folder {sbs}: does not exist" in facts["message"]
+    assert proc.poll() is None
+    sbs.mkdir(parents=True)
+    drop(sbs, "1234567890-image.sbs", IMAGES)
+    wait_until(lambda: (store_dir(sbs) / "1234567890-image.sbs").exists(), 20,
+               "the file to be taken once the folder exists")
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
+    log = (tmp_path / "pxe.out").read_text()
+    assert log.count("cannot list the SBS folder") == 1 and "usable again" in log

@@ -40,6 +40,7 @@ class PXEService:
         self.applied = 0
         self.rejected = 0
         self.next_prune = 0.0
+        self.last_error: str | None = None
 
     def scan_once(self) -> bool:
         """One scan, logged and published; False if it could not finish."""
@@ -56,8 +57,11 @@ class PXEService:
                       name, store_dir(self.sbs_dir), reason)
         for name, why in result.waiting:
             log.warning("%s stays in the SBS folder for the next scan: %s", name, why)
-        if error:
+        if error and error != self.last_error:  # a folder still missing is said once
             log.error("%s", error)
+        elif self.last_error and not error:
+            log.info("the SBS folder is usable again")
+        self.last_error = error
         self.applied += len(result.applied)
         self.rejected += len(result.rejected)
         facts = {"applied": self.applied, "rejected": self.rejected,
