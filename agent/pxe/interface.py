@@ -135,13 +135,17 @@ def scan(sbs_dir: str | Path, state: PXEState) -> ScanResult:
         for name, reason in bad:
             try:
                 final = _move(sbs_dir / name, rejected)
-                _write_reason(rejected / f"{final}.reason", reason)
             except OSError as exc:
                 moved_error = moved_error or _describe(exc, f"cannot set {name} aside in "
                                                              f"{rejected}")
                 result.waiting.append((name, reason))
                 continue
-            result.rejected.append((name, reason))
+            result.rejected.append((name, reason))   # set aside: the log keeps the reason
+            try:
+                _write_reason(rejected / f"{final}.reason", reason)
+            except OSError as exc:
+                moved_error = moved_error or _describe(exc, f"cannot write {final}.reason "
+                                                             f"in {rejected}")
     _fsync_dirs(sbs_dir, store)
     if moved_error:
         raise _Partial(moved_error, result)
