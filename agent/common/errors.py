@@ -9,6 +9,8 @@
     │   └── BadParameters    bad id/timeout) -- handlers raise BadParameters
     ├── TaskFailed           raised by a handler to fail its task with a message
     ├── TickleRefused        a tickle or wake-up line refused; .code is the ERR code
+    ├── SBSParseError        an SBS file is not a §7 document (agent.pxe.sbsdoc)
+    ├── InterfaceError       a scan of the SBS folder could not finish (agent.pxe.interface)
     └── ServerError          the task server is unreachable or answered badly
         └── AuthError        the server refused our token (401/403)
 

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.common.errors import DsagentError
 from agent.pxe.sbsdoc import WHOLE, SBSParseError, kind_of, parse_sbs
 from agent.pxe.state import PXEState
 
@@ -43,7 +44,7 @@ PRUNE_EVERY_S = 600.0
 MAX_SUFFIX = 10_000
 
 
-class InterfaceError(Exception):
+class InterfaceError(DsagentError):
     """A scan could not finish; its files wait in the SBS folder for the next one."""
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from agent.common.errors import DsagentError
 from agent.common.safexml import XMLRefused, parse_xml
 
 MAX_FILE_BYTES = 64 * 1024 * 1024   # 10,000 computers are ~1 MB
@@ -35,7 +36,7 @@ ROOTS = {"settings": "PXEConfig", "managed": "Computers", "predefined": "Compute
 WHOLE = ("settings", "managed", "predefined", "images")   # applied before updates
 
 
-class SBSParseError(Exception):
+class SBSParseError(DsagentError):
     """The file is not a §7 document; the message names the file and the problem."""
 
 
