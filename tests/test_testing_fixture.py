@@ -8,9 +8,7 @@ import pytest
 from agent.plugin.testing import DsagentRunError
 
 LOGGING_PLUGIN = """
-    from agent.plugin import hookimpl
-    from agent.common.errors import BadParameters
-    from agent.plugin.tasks import TaskType
+    from agent.plugin import BadParameters, TaskType, hookimpl
 
     @hookimpl
     def dsagent_task_types(register):
@@ -94,9 +92,7 @@ def test_unusable_config_is_an_error_naming_the_key(dsagent_run):
 
 
 SETTINGS_PLUGIN = '''
-from agent.plugin import hookimpl
-from agent.common.errors import BadParameters
-from agent.plugin.tasks import TaskType
+from agent.plugin import BadParameters, TaskType, hookimpl
 
 
 @hookimpl

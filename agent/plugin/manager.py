@@ -66,6 +66,17 @@ class HandlerRegistry:
         others = [p for name, p in self.pm.list_name_plugin() if name != plugin]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
 
+    def registered(self, hook_name: str, plugin: str, kind: type) -> list:
+        """What ``plugin`` passes to ``register()`` in hook ``hook_name``
+        (``dsagent_task_types``, ``dsagent_doctor_checks``); TypeError if
+        something is not a ``kind``, and whatever the hook raises."""
+        items: list = []
+        self.hook_of(hook_name, plugin)(register=items.append)
+        for item in items:
+            if not isinstance(item, kind):
+                raise TypeError(f"register() expects a {kind.__name__}, got {item!r}")
+        return items
+
     def validate(self, task: Task, config: dict[str, Any]) -> None:
         """The declared parameters first (one wording for every handler), then the plugin's hook."""
         registered = self.lookup(task.type)
@@ -130,12 +141,8 @@ def load_handlers(*, entry_points: bool = True,
 def _collect_types(registry: HandlerRegistry, versions: dict[str, str]) -> None:
     pm = registry.pm
     for name, plugin in list(pm.list_name_plugin()):
-        declared: list[TaskType] = []
         try:
-            registry.hook_of("dsagent_task_types", name)(register=declared.append)
-            for task_type in declared:
-                if not isinstance(task_type, TaskType):
-                    raise TypeError(f"register() expects a TaskType, got {task_type!r}")
+            declared: list[TaskType] = registry.registered("dsagent_task_types", name, TaskType)
         except Exception:
             error = traceback.format_exc()
             registry.broken[name] = error.strip().splitlines()[-1]

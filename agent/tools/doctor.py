@@ -30,6 +30,7 @@ import psutil
 from agent.common.config import Config, _check_mode, load_config, parse_hostport
 from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError
 from agent.plugin import CheckResult, DoctorCheck
+from agent.plugin.checks import CHECK_STATUSES
 from agent.plugin.manager import HandlerRegistry, load_handlers
 from agent.tools.progressbar import ProgressBar
 from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
@@ -43,7 +44,6 @@ SKEW_FAIL_S = 300          # PROTOCOL.md §2: a tickle more than 300 s off is re
 SKEW_WARN_S = 60
 TASKS_LIMIT = 16 << 20
 SERVER_TIMEOUT_S = 10.0
-STATUSES = ("ok", "warn", "fail", "skip")
 TICKLE_WINDOW_S = 3600     # a refusal older than this is history
 OUTBOX_WARN_S = 600        # an event waiting longer: the server is not taking statuses
 TICKLE_ADVICE = {          # §2 code -> (cause, what to do); bad-frame and busy are noise
@@ -301,12 +301,9 @@ class Doctor:
         registered: list[tuple[str, DoctorCheck]] = []
         failed: list[Result] = []
         for plugin, _ in sorted(self.registry.pm.list_name_plugin(), key=lambda p: p[0]):
-            checks: list[DoctorCheck] = []
             try:
-                self.registry.hook_of("dsagent_doctor_checks", plugin)(register=checks.append)
-                for check in checks:
-                    if not isinstance(check, DoctorCheck):
-                        raise TypeError(f"register() expects a DoctorCheck, got {check!r}")
+                checks: list[DoctorCheck] = self.registry.registered(
+                    "dsagent_doctor_checks", plugin, DoctorCheck)
             except Exception as exc:
                 failed.append(_broken(plugin, plugin, "could not register its doctor checks",
                                       exc))
@@ -507,7 +504,7 @@ def format_table(results: list[Result]) -> str:
                      f"{r.name:<{width}}  {r.finding}")
         if r.status in ("warn", "fail") and r.action:
             lines.append(f"{'':<5} {'':<{width}}  what to do: {r.action}")
-    counts = ", ".join(f"{sum(r.status == s for r in results)} {s}" for s in STATUSES)
+    counts = ", ".join(f"{sum(r.status == s for r in results)} {s}" for s in CHECK_STATUSES)
     lines.append(f"{len(results)} checks: {counts}")
     return "\n".join(lines)
 
