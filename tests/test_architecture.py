@@ -78,8 +78,8 @@ ALLOWED = {
     "objecthost": {"agent.common"},
     "agent.cta": {"agent.common", "agent.plugin", "ctdataloader"},
     "agent.supervisor": {"agent.common", "agent.tools"},
-    "agent.tools": {"agent.common", "agent.plugin", "agent.cta", "agent.supervisor",
-                    "ctdataloader"},
+    "agent.tools": {"agent.common", "agent.plugin", "agent.cta", "agent.pxe",
+                    "agent.supervisor", "ctdataloader"},
     "agent.__main__": {"agent.tools"},
     "agent.errors": {"agent.common"},                 # deprecated aliases for handlers
     "agent.tasks": {"agent.common", "agent.plugin"},  # written for 0.1 (removed in 0.3)

@@ -263,10 +263,14 @@ def test_sbsstore_is_pruned_by_age_and_size(tmp_path):
 
 def write_config(tmp_path, sbs, extra=""):
     config = tmp_path / "agent.toml"
-    config.write_text(f'[agent]\nserver_url = "http://127.0.0.1:9"\n'
+    # a task server that never answers: the Interface works without one (no
+    # startup answer ever applied, so no dnsmasq either)
+    config.write_text(f'[agent]\nserver_url = "http://127.0.0.1:9"\nclient_id = "site-1"\n'
+                      f'token = "t"\ntickle_key = "{"00" * 32}"\n'
                       f'state_dir = "{tmp_path / "state"}"\n'
                       f'[handlers]\nsbs_dir = "{sbs}"\npreboot_store = "{tmp_path / "preboot"}"\n'
                       f'[pxe]\ninterface = "lo"\n{extra}')
+    config.chmod(0o600)
     return config
 
 

@@ -27,6 +27,8 @@ from agent.common.errors import AuthError, ServerError
 log = logging.getLogger("dsagent.server")
 
 MAX_JSON_BYTES = 1024 * 1024
+MAX_PXE_STARTUP_BYTES = 64 * 1024 * 1024   # whole computer lists: ~100 bytes a computer
+PXE_STARTUP_KINDS = ("initial-config", "clients", "images", "predefined")
 
 
 def is_loopback_host(host: str) -> bool:
@@ -141,6 +143,29 @@ class ServerAPI:
         except (ValueError, KeyError, TypeError) as exc:
             raise ServerError(f"POST status: unusable answer ({exc}): {body[:200]!r}") from None
         return [str(a) for a in accepted]
+
+    def pxe_startup(self) -> dict[str, str | None]:
+        """GET pxe/startup (§7): the initial SBS documents, by §4 kind; registers
+        this client as a PXE server at the task server."""
+        _, body = self._request("GET", self._path("pxe/startup"), MAX_PXE_STARTUP_BYTES,
+                                headers=self._auth())
+        try:
+            answer = json.loads(body)
+            if not isinstance(answer, dict):
+                raise TypeError("not a JSON object")
+            for kind in PXE_STARTUP_KINDS:
+                if kind != "predefined" and not isinstance(answer.get(kind), str):
+                    raise TypeError(f"{kind!r} is not an XML string")
+            if not isinstance(answer.get("predefined"), (str, type(None))):
+                raise TypeError("'predefined' is neither an XML string nor null")
+        except (ValueError, TypeError) as exc:
+            raise ServerError(f"GET pxe/startup: unusable answer ({exc}): {body[:200]!r}") from None
+        return {kind: answer.get(kind) for kind in PXE_STARTUP_KINDS}
+
+    def post_pxe_state(self, state: dict[str, Any]) -> None:
+        """POST pxe/state (§7): this PXE server's health."""
+        self._request("POST", self._path("pxe/state"), MAX_JSON_BYTES, headers=self._auth(),
+                      json=state)
 
     def register(self, enrollment_key: str | None, name: str | None = None) -> dict[str, Any]:
         """POST /api/v1/register; return client_id, token, tickle_key, poll_interval_s."""

@@ -139,6 +139,32 @@ class PXEState:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'last_applied'").fetchone()
         return json.loads(row[0]) if row else None
 
+    def startup_applied(self) -> float | None:
+        """When a startup answer (§7) was last applied, or None if never."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'startup_applied'").fetchone()
+        return float(row[0]) if row else None
+
+    def mark_startup_applied(self) -> None:
+        with write_transaction(self.db):
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('startup_applied', ?)",
+                            (repr(time.time()),))
+
+    def decisions(self) -> tuple[dict[str, "Decision"], "Decision"]:
+        """Every listed MAC's decision, and what an unlisted MAC gets: the same
+        rules as decision(), in one query (the Server renders them all)."""
+        settings = self.settings()
+        fallback = settings.get("automation_config") or None
+        unknown = (Decision("automation", fallback)
+                   if settings.get("unknown_computers", "ignore") == "automation"
+                   else Decision("ignore", None))
+        found: dict[str, Decision] = {}
+        # predefined first, so that a managed entry for the same MAC wins
+        for mac, action, config in self.db.execute(
+                "SELECT mac, action, config FROM computers ORDER BY list = 'managed'"):
+            found[mac] = (Decision(action, config or fallback) if action == "automation"
+                          else Decision(action, None))
+        return found, unknown
+
     def decision(self, mac: str) -> Decision:
         """What a PXE request from ``mac`` gets (§7); ValueError if it is no MAC."""
         mac = normalise_mac(mac)

@@ -97,6 +97,21 @@ class Doctor:
             ("handlers", self.check_handlers),
         ]
 
+    def pxe_checks(self) -> list[tuple[str, Callable[[], Result]]]:
+        """A PXE site server's checks (agent/pxe/checks.py), only with [pxe]."""
+        if self.config is None or not self.config.has_section("pxe"):
+            return []
+        from agent.pxe.checks import CHECKS as PXE_CHECKS
+
+        def run(name, check):
+            try:
+                found = check(self.config)
+            except Exception as exc:   # a check's own bug must not hide the other rows
+                return Result(name, "fail", f"the check failed: {type(exc).__name__}: {exc}",
+                              "report it with `dsagent logs`")
+            return Result(name, found.status, found.finding, found.action)
+        return [(name, lambda n=name, c=check: run(n, c)) for name, check in PXE_CHECKS]
+
     def run(self, bar: ProgressBar) -> list[Result]:
         bar.update(0, "loading the handler plugins", force=True)
         self.registry = _load_plugins()
@@ -104,6 +119,9 @@ class Doctor:
         checks = self.checks[:at] + self.plugin_checks() + self.checks[at:]
         results = []
         for index, (name, check) in enumerate(checks):
+            if name == "handlers":   # the config is known by now: a PXE server's rows too
+                checks[index:index] = self.pxe_checks()
+                name, check = checks[index]
             bar.update(100 * index / len(checks),
                        f"check {index + 1} of {len(checks)}: {name}", force=True)
             if self.config is None and name != "config":

@@ -100,8 +100,9 @@ def gather(state_dir: Path) -> dict[str, Any]:
     }
 
 
-PXE_FACTS = ("applied", "rejected", "waiting", "computers", "predefined", "images",
-             "last_applied", "last_rejected", "last_error")
+PXE_FACTS = ("serving", "reason", "interface", "address", "dnsmasq_pid", "answered",
+             "restarts", "unbuilt", "health_error", "applied", "rejected", "waiting",
+             "computers", "predefined", "images", "last_applied", "last_rejected", "last_error")
 
 
 def _ago(moment: float | None, now: float) -> float | None:
@@ -177,13 +178,25 @@ def render(status: dict[str, Any]) -> str:
 
 def _render_pxe(pxe: dict[str, Any]) -> list[str]:
     last = pxe.get("last_applied")
-    lines = [f"pxe: {pxe.get('computers') or 0} computer(s), {pxe.get('predefined') or 0} "
+    answered = pxe.get("answered")
+    lines = [(f"pxe: serving on {pxe.get('interface')} ({pxe.get('address')}), dnsmasq pid "
+              f"{pxe.get('dnsmasq_pid')}, answering "
+              + ("every MAC" if answered == -1 else f"{answered or 0} MAC(s)")
+              + (f"; dnsmasq restarted {pxe['restarts']} time(s)" if pxe.get("restarts") else "")
+              if pxe.get("serving") else
+              f"pxe: NOT SERVING on {pxe.get('interface')}: {pxe.get('reason') or 'unknown'}"),
+             f"  {pxe.get('computers') or 0} computer(s), {pxe.get('predefined') or 0} "
              f"predefined, {pxe.get('images') or 0} image(s); files applied "
              f"{pxe.get('applied') or 0}, rejected {pxe.get('rejected') or 0}, waiting "
              f"{pxe.get('waiting') or 0}"]
     if last:
         lines.append(f"  last applied {human_age(time.time() - last.get('at', 0))} ago: "
                      f"{last.get('file')} ({last.get('change')})")
+    for config, count in sorted((pxe.get("unbuilt") or {}).items()):
+        lines.append(f"  configuration {config} has no current build: {count} automation "
+                     "computer(s) cannot boot it")
+    if pxe.get("health_error"):
+        lines.append(f"  PXE state not reported to the task server: {pxe['health_error']}")
     for key in ("last_rejected", "last_error"):
         if pxe.get(key):
             what = pxe[key].get("reason") or pxe[key].get("message")

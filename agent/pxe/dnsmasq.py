@@ -1,0 +1,173 @@
+"""The Server's engine: one dnsmasq, owned by the PXE process.
+
+dnsmasq (Debian's dnsmasq-base) answers as a *proxy* DHCP server beside the
+site's own DHCP server (``dhcp-range=<net>,proxy``: it hands out no
+addresses), serves TFTP from ``tftp_root``, and runs no DNS (``port=0``). It
+reads only the command line built here (``--conf-file=/dev/null``: never
+``/etc/dnsmasq.conf``) and the hosts file BootFiles renders, re-read on
+SIGHUP, so a decision changes with the same process.
+
+It runs in the foreground as our child (pxe-lab.md: orphans are not reaped on
+these machines), logging to its stderr, which a thread copies into the
+dsagent log as ``dsagent.pxe.dnsmasq`` lines. Chain-loading: a client whose
+firmware is not iPXE yet gets ``undionly.kpxe`` (BIOS) or ``ipxe.efi``
+(UEFI) through ``pxe-service``; an iPXE client (DHCP option 175) gets
+``dsagent-pxe/boot.ipxe`` straight in the offer, with our address as the
+server (in proxy mode iPXE refuses an offer without it).
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from agent.common.errors import DsagentError
+from agent.pxe.bootfiles import BOOT_DIR
+
+log = logging.getLogger("dsagent.pxe")
+engine_log = logging.getLogger("dsagent.pxe.dnsmasq")
+
+STARTED_WITHIN_S = 10.0          # dnsmasq binds and says "started" within this
+STOP_WITHIN_S = 5.0
+KEEP_LINES = 20                  # its last lines, quoted when it dies
+
+
+class EngineError(DsagentError):
+    """dnsmasq cannot be started or did not come up; the message says why."""
+
+
+def find_dnsmasq() -> str:
+    found = shutil.which("dnsmasq") or next(
+        (p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if os.access(p, os.X_OK)), None)
+    if not found:
+        raise EngineError("dnsmasq is not installed (Debian package dnsmasq-base)")
+    return found
+
+
+def interface_address(name: str) -> ipaddress.IPv4Interface | None:
+    """The first IPv4 address (with its prefix) of interface ``name``, or None."""
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(name, []):
+        if addr.family.name == "AF_INET" and addr.netmask:
+            return ipaddress.IPv4Interface(f"{addr.address}/{addr.netmask}")
+    return None
+
+
+def command_line(binary: str, interface: str, address: ipaddress.IPv4Interface,
+                 tftp_root: Path, run_dir: Path, hosts_file: Path) -> list[str]:
+    network = address.network
+    server = str(address.ip)
+    return [
+        binary, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+        "--bind-interfaces", f"--interface={interface}",
+        f"--dhcp-range={network.network_address},proxy,{network.netmask}",
+        "--enable-tftp", f"--tftp-root={tftp_root}",
+        f"--dhcp-hostsfile={hosts_file}", "--dhcp-ignore=tag:!known",
+        "--dhcp-match=set:ipxe,175",
+        f"--dhcp-boot=tag:ipxe,{BOOT_DIR}/boot.ipxe,,{server}",
+        f"--pxe-service=tag:!ipxe,x86PC,chainload-iPXE,{BOOT_DIR}/undionly.kpxe",
+        f"--pxe-service=tag:!ipxe,X86-64_EFI,chainload-iPXE,{BOOT_DIR}/ipxe.efi",
+        f"--pxe-service=tag:!ipxe,BC_EFI,chainload-iPXE,{BOOT_DIR}/ipxe.efi",
+        "--log-facility=-", "--log-dhcp", "--pid-file=",
+        f"--dhcp-leasefile={run_dir / 'leases'}",
+    ]
+
+
+class Dnsmasq:
+    """Start, reload, watch and stop one dnsmasq child."""
+
+    def __init__(self, interface: str, tftp_root: Path, run_dir: Path, hosts_file: Path):
+        self.interface = interface
+        self.tftp_root = Path(tftp_root)
+        self.run_dir = Path(run_dir)
+        self.hosts_file = Path(hosts_file)
+        self.proc: subprocess.Popen | None = None
+        self.last_lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
+        self._started = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.address: ipaddress.IPv4Interface | None = None
+        self.started_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start dnsmasq and wait until it says it started; EngineError if not."""
+        address = interface_address(self.interface)
+        if address is None:
+            raise EngineError(f"interface {self.interface} has no IPv4 address (or does not "
+                              "exist): dnsmasq cannot answer PXE there")
+        argv = command_line(find_dnsmasq(), self.interface, address, self.tftp_root,
+                            self.run_dir, self.hosts_file)
+        self.last_lines.clear()
+        self._started.clear()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self._reader = threading.Thread(target=self._copy_log, args=(self.proc,),
+                                        name="dnsmasq-log", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + STARTED_WITHIN_S
+        while not self._started.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                code = self.proc.poll()
+                self.stop()
+                self._reader.join(1.0)
+                said = "; ".join(self.last_lines) or "nothing"
+                raise EngineError(
+                    f"dnsmasq on {self.interface} did not start "
+                    f"({'exit code ' + str(code) if code is not None else 'no start line'}): "
+                    f"{said}")
+        self.address = address
+        self.started_at = time.time()
+        log.info("dnsmasq started (pid %d): proxy DHCP on %s (%s), TFTP from %s",
+                 self.proc.pid, self.interface, address, self.tftp_root)
+
+    def _copy_log(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line.startswith("dnsmasq: "):
+                line = line[len("dnsmasq: "):]
+            self.last_lines.append(line)
+            if " started, version " in f" {line}" or line.startswith("started, version"):
+                self._started.set()
+            level = (logging.ERROR if "failed" in line or "FAILED" in line
+                     else logging.INFO)
+            engine_log.log(level, "%s", line)
+
+    def reload(self) -> None:
+        """SIGHUP: dnsmasq re-reads the hosts file (same pid, no restart)."""
+        if self.running():
+            self.proc.send_signal(signal.SIGHUP)
+
+    def exit_description(self) -> str:
+        """Why the child is gone, with its last words (after poll() saw it end)."""
+        code = self.proc.returncode if self.proc else None
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit code {code}")
+        last = "; ".join(list(self.last_lines)[-3:])
+        return f"dnsmasq (pid {self.pid}) stopped: {how}" + (f"; it said: {last}" if last else "")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(STOP_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        log.info("dnsmasq (pid %d) stopped", self.proc.pid)
