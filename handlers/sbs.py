@@ -179,8 +179,9 @@ def check_sbs(config: dict) -> CheckResult:
         return CheckResult("fail", f"{len(stale)} .sbs file(s) waited over {STALE_AFTER_S:g} s "
                            f"in {folder} (oldest {oldest}, {now - mtime:.0f} s): the PXE "
                            "services look stopped",
-                           "start the PXE services, the Interface (_netboot_NSInterface) first; "
-                           "it takes the files within a second")
+                           "on this product's site server: give the config a [pxe] section so "
+                           "that `dsagent run` starts the PXE process (docs/pxe.md); it takes "
+                           "the files within a second")
     if waiting:
         return CheckResult("ok", f"{len(waiting)} .sbs file(s) in {folder}, all younger than "
                            f"{STALE_AFTER_S:g} s (being taken)")

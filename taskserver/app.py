@@ -10,11 +10,20 @@ Endpoints::
     POST /api/v1/register                 201 {client_id, token, tickle_key, poll_interval_s}
     GET  /api/v1/clients/{id}/tasks       200 application/xml <ClientTasks>
     POST /api/v1/clients/{id}/status      200 {"accepted": [...]}
+    GET  /api/v1/clients/{id}/pxe/startup 200 {"initial-config", "clients", "images",
+                                              "predefined"}: the §7 XML documents (predefined
+                                              always XML, an empty list too); registers the
+                                              client as a PXE server
+    POST /api/v1/clients/{id}/pxe/state   204; body {"serving", "reason", "computers",
+                                              "images", "last_applied", "at"} (§7), stored
+                                              with the time received; registers it too
 
 All but register need ``Authorization: Bearer <token>`` (else 401). Errors are
-JSON ``{"error": "..."}``: 400 bad JSON, 403 registration refused, 404
-unknown path, 405 wrong method, 411 no Content-Length, 413 body over
-``max_body`` bytes.
+JSON ``{"error": "..."}``: 400 bad JSON or a bad field (named), 403
+registration refused, 404 unknown path, 405 wrong method, 411 no
+Content-Length, 413 body over ``max_body`` bytes. The PXE side (lists,
+settings, changes fanned out as UpdateSBSInfo tasks) is taskserver/pxe.py;
+``tickle_clients`` tickles the PXE servers after a change.
 
 For tests: ``request_counts(client_id)`` counts each client's requests by
 endpoint, and ``set_fault(503)`` makes the server answer every request with
@@ -33,6 +42,7 @@ import socketserver
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -41,6 +51,7 @@ from agent.common.errors import DsagentError
 from agent.common.taskxml import render_client_tasks
 from agent.common.tickle import send_tickle
 
+from taskserver.pxe import PXEStore
 from taskserver.store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
 
 log = logging.getLogger("taskserver")
@@ -48,7 +59,10 @@ log = logging.getLogger("taskserver")
 MAX_BODY = 16 * 1024 * 1024
 TICKLE_RETRY_DELAY_S = (0.05, 0.25)   # one retry of a reset or busy tickle, after a jittered pause
 SERVER_NAME = "dsagent-server/0.1"
-TASKS_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status)")
+CLIENT_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status|pxe/startup|pxe/state)")
+METHODS = {"register": "POST", "tasks": "GET", "status": "POST", "pxe/startup": "GET",
+           "pxe/state": "POST"}
+TICKLE_THREADS = 16
 
 
 class TickleFailed(DsagentError):
@@ -102,6 +116,25 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
         raise TickleFailed(f"tickle to {client_id!r} at {addr}: the objecthost closed the "
                            "connection without answering (twice)")
     return answer
+
+
+def tickle_clients(store: TaskStore, client_ids: Iterable[str],
+                   timeout: float = 5.0) -> dict[str, str | TickleFailed]:
+    """Tickle several clients at once (threads): client id -> its answer line, or the
+    TickleFailed saying why not. A failed tickle loses nothing: the client pulls its
+    queued tasks at its next poll."""
+    ids = list(dict.fromkeys(client_ids))
+
+    def one(client_id: str) -> str | TickleFailed:
+        try:
+            return tickle_client(store, client_id, timeout)
+        except TickleFailed as exc:
+            return exc
+
+    if not ids:
+        return {}
+    with ThreadPoolExecutor(min(TICKLE_THREADS, len(ids)), "tickle") as pool:
+        return dict(zip(ids, pool.map(one, ids)))
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -163,8 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
               headers: Iterable[tuple[str, str]] = ()) -> None:
         reason = self.responses.get(code, ("",))[0]
         lines = [f"HTTP/1.1 {code} {reason}", f"Server: {SERVER_NAME}",
-                 f"Date: {self.date_time_string()}", f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}"]
+                 f"Date: {self.date_time_string()}"]
+        if code != 204:                         # a 204 has neither body nor length (RFC 9110)
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in headers]
         if self.close_connection:
             lines.append("Connection: close")
@@ -251,15 +285,15 @@ class _Handler(BaseHTTPRequestHandler):
             if body is None:
                 return
             path = urlsplit(self.path).path
-            match = TASKS_PATH_RE.fullmatch(path)
+            match = CLIENT_PATH_RE.fullmatch(path)
             if path == "/api/v1/register":
-                client_id, endpoint, method = None, "register", "POST"
+                client_id, endpoint = None, "register"
             elif match:
                 client_id, endpoint = unquote(match.group(1)), match.group(2)
-                method = "GET" if endpoint == "tasks" else "POST"
             else:
                 self._error(404, f"no such endpoint: {path}")
                 return
+            method = METHODS[endpoint]
             if app.fault is not None and (app.fault_endpoints is None
                                           or endpoint in app.fault_endpoints):
                 if client_id:
@@ -281,8 +315,13 @@ class _Handler(BaseHTTPRequestHandler):
             if endpoint == "tasks":
                 xml = render_client_tasks(client_id, app.store.pending_tasks(client_id))
                 self._send(200, xml, "application/xml")
-            else:
+            elif endpoint == "status":
                 self._status(client_id, body)
+            elif endpoint == "pxe/startup":
+                self._json(200, app.pxe.startup(client_id, app.poll_interval_s))
+            else:
+                app.pxe.record_state(client_id, self._parse_json(body), app.poll_interval_s)
+                self._send(204, b"", "application/json")
         except InvalidRequest as exc:
             self._error(400, str(exc))
         except (ConnectionError, TimeoutError):
@@ -326,6 +365,7 @@ class TaskServer:
                  enrollment_key: str | None = None, poll_interval_s: int = 300,
                  *, verbose: bool = False, max_body: int = MAX_BODY):
         self.store = store
+        self.pxe = PXEStore(store)
         self.host = host
         self.port = port
         self.enrollment_key = enrollment_key or None
@@ -377,12 +417,17 @@ class TaskServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def pxe_servers(self) -> list[dict]:
+        """The PXE servers with their last state (taskserver.pxe.PXEStore.servers)."""
+        return self.pxe.servers(self.poll_interval_s)
+
     def tickle(self, client_id: str, timeout: float = 5.0) -> str:
         """Tickle ``client_id``'s objecthost; return its answer (``OK`` / ``ERR code``)."""
         return tickle_client(self.store, client_id, timeout)
 
     def request_counts(self, client_id: str) -> dict[str, int]:
-        """Requests received from ``client_id``, by endpoint: register, tasks, status."""
+        """Requests received from ``client_id``, by endpoint: register, tasks, status
+        (and pxe/startup, pxe/state once called)."""
         return self.store.request_counts(client_id)
 
     def set_fault(self, status: int | None, endpoints: Iterable[str] | None = None) -> None:

@@ -9,10 +9,25 @@
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
     dsagent-server clients --db FILE [--json]
+    dsagent-server pxe add-computer --db FILE (--mac MAC [--name N] --action ACTION [--config C]
+                           | --csv FILE) [--managed] [--no-tickle] [--confirm-s S]
+    dsagent-server pxe set-action --db FILE --mac MAC --action A [--config C]
+    dsagent-server pxe remove-computer --db FILE --mac MAC
+    dsagent-server pxe set-image --db FILE --config C --version V
+    dsagent-server pxe remove-image --db FILE --config C
+    dsagent-server pxe set --db FILE unknown_computers=ignore|automation automation_config=C ...
+    dsagent-server pxe servers --db FILE [--json] [--poll-interval S]
+    dsagent-server pxe computers --db FILE [--json]
 
 Every command but ``serve`` works on the database directly, so it can run
 while a server process serves the same file. Exit status: 0 done, 1 failed
-(tickle not answered OK, unknown client or task, bad task), 2 usage error.
+(tickle not answered OK, unknown client or task, bad task, unknown MAC, bad
+CSV row), 2 usage error (a bad MAC, ACTION, config name or setting too).
+
+The ``pxe`` commands (taskserver/pxecli.py, docs/taskserver-pxe.md) store a
+console change, queue UpdateSBSInfo tasks for every PXE server and tickle
+them (``--no-tickle``, ``--confirm-s S`` go with every change); ACTION is
+automation, production or ignore.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from agent.common.config import SCHEMA as AGENT_SCHEMA, check_config, render_con
 from agent.common.errors import DsagentError
 
 from taskserver.app import TaskServer, tickle_client
+from taskserver.pxecli import add_pxe_commands
 from taskserver.store import TERMINAL_STATES, TaskStore, parse_hostport
 
 PROG = "dsagent-server"
@@ -382,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("clients", "list enrolled and registered clients")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_clients)
+
+    add_pxe_commands(sub)
     return parser
 
 

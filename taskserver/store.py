@@ -10,6 +10,7 @@ Tables::
     events    event_id (PK), task_id, seq, state, progress, message,
               details (JSON), at, received_at
     request_counts  client_id, endpoint, count, last_at
+    pxe_*     the NS side of the PXE site server: taskserver/pxe.py
 
 One connection per store, shared by all threads under a lock, in WAL mode, so
 a CLI process (``dsagent-server queue``) can write while a server process
@@ -153,16 +154,14 @@ def sanitize_client_id(name: Any) -> str:
 
 
 def _check_xml_text(value: str, what: str) -> None:
-    bad = XML_INVALID_RE.search(value)
-    if bad:
+    if bad := XML_INVALID_RE.search(value):
         raise InvalidRequest(
             f"{what} holds character U+{ord(bad.group()):04X} at offset {bad.start()}, "
             "which XML 1.0 cannot carry")
 
 
 def _check_rfc3339(value: str) -> bool:
-    match = RFC3339_RE.fullmatch(value)
-    if not match:
+    if not RFC3339_RE.fullmatch(value):
         return False
     try:
         datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
@@ -175,8 +174,7 @@ def _event_problem(event: Any) -> str | None:
     """Why a status event is malformed, or None if it is well formed."""
     if not isinstance(event, dict):
         return f"an event must be a JSON object, got {type(event).__name__}"
-    missing = [name for name in EVENT_FIELDS if name not in event]
-    if missing:
+    if missing := [name for name in EVENT_FIELDS if name not in event]:
         return "missing field(s) " + ", ".join(missing)
     event_id, task_id, seq, state = (event[k] for k in ("event_id", "task_id", "seq", "state"))
     if not isinstance(event_id, str) or not UUID_RE.fullmatch(event_id):
@@ -307,9 +305,8 @@ class TaskStore:
             self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             self._conn.execute("PRAGMA foreign_keys = ON")
             with self._write() as conn:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in filter(str.strip, SCHEMA.split(";")):
+                    conn.execute(statement)
                 conn.execute("PRAGMA user_version = 1")
 
     # -- plumbing -----------------------------------------------------------
@@ -453,15 +450,13 @@ class TaskStore:
                 "INSERT INTO request_counts (client_id, endpoint, count, last_at) "
                 "SELECT ?, ?, 1, ? WHERE EXISTS (SELECT 1 FROM clients WHERE client_id = ?) "
                 "ON CONFLICT (client_id, endpoint) DO UPDATE SET count = count + 1, "
-                "last_at = excluded.last_at",
-                (client_id, endpoint, utc_now(), client_id))
+                "last_at = excluded.last_at", (client_id, endpoint, utc_now(), client_id))
 
     def request_counts(self, client_id: str) -> dict[str, int]:
         """Requests received from ``client_id`` so far, by endpoint (0 if none)."""
         counts = dict.fromkeys(ENDPOINTS, 0)
-        for row in self._read("SELECT endpoint, count FROM request_counts WHERE client_id = ?",
-                              (client_id,)):
-            counts[row["endpoint"]] = row["count"]
+        counts.update(tuple(row) for row in self._read(
+            "SELECT endpoint, count FROM request_counts WHERE client_id = ?", (client_id,)))
         return counts
 
     def reset_request_counts(self, client_id: str | None = None) -> None:
@@ -473,23 +468,24 @@ class TaskStore:
 
     # -- tasks --------------------------------------------------------------
 
-    def _insert_tasks(self, client_id: str, tasks: list[tuple]) -> list[str]:
-        now = utc_now()
-        with self._write() as conn:
-            if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?",
-                                (client_id,)).fetchone():
-                raise UnknownClient(f"unknown client {client_id!r}")
-            ids = []
-            for type_, params, timeout, task_id in tasks:
-                try:
-                    conn.execute(
-                        "INSERT INTO tasks (task_id, client_id, type, params, timeout, queued_at)"
-                        " VALUES (?,?,?,?,?,?)",
-                        (task_id, client_id, type_, json.dumps(params, ensure_ascii=False),
-                         timeout, now))
-                except sqlite3.IntegrityError:
-                    raise InvalidRequest(f"task id {task_id} is already queued") from None
-                ids.append(task_id)
+    def _insert_tasks(self, client_id: str, tasks: list[tuple], conn=None) -> list[str]:
+        """Queue checked tasks (all or none), in ``conn``'s transaction if given (pxe.py)."""
+        if conn is None:
+            with self._write() as conn:
+                return self._insert_tasks(client_id, tasks, conn)
+        if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone():
+            raise UnknownClient(f"unknown client {client_id!r}")
+        now, ids = utc_now(), []
+        for type_, params, timeout, task_id in tasks:
+            try:
+                conn.execute(
+                    "INSERT INTO tasks (task_id, client_id, type, params, timeout, queued_at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (task_id, client_id, type_, json.dumps(params, ensure_ascii=False), timeout,
+                     now))
+            except sqlite3.IntegrityError:
+                raise InvalidRequest(f"task id {task_id} is already queued") from None
+            ids.append(task_id)
         return ids
 
     def queue_task(self, client_id: str, type: str, params: Mapping[str, str] | None = None,
@@ -538,8 +534,8 @@ class TaskStore:
             for index, event in enumerate(events):
                 problem = _event_problem(event)
                 if problem is None:
-                    row = conn.execute("SELECT client_id FROM tasks WHERE task_id = ?",
-                                       (event["task_id"],)).fetchone()
+                    row = conn.execute("SELECT client_id, type, params FROM tasks "
+                                       "WHERE task_id = ?", (event["task_id"],)).fetchone()
                     if row is None:
                         problem = f"unknown task {event['task_id']}"
                     elif row["client_id"] != client_id:
@@ -565,8 +561,12 @@ class TaskStore:
                                     "(stored: task %s seq %s %s); keeping the stored one",
                                     client_id, event["event_id"], *tuple(stored))
                 elif event["state"] in TERMINAL_STATES:
-                    conn.execute("UPDATE tasks SET terminal_state = ? WHERE task_id = ? "
-                                 "AND terminal_state IS NULL", (event["state"], event["task_id"]))
+                    first = conn.execute("UPDATE tasks SET terminal_state = ? WHERE task_id = ? "
+                                         "AND terminal_state IS NULL",
+                                         (event["state"], event["task_id"])).rowcount
+                    if first and event["state"] == "succeeded" and row["type"] == "BootWizRebuild":
+                        from taskserver.pxe import record_rebuilt_image  # pxe imports this module
+                        record_rebuilt_image(conn, json.loads(row["params"]), details)
                 if event["event_id"] not in accepted:
                     accepted.append(event["event_id"])
             self._changed.notify_all()

@@ -244,7 +244,7 @@ def test_sbs_file_piling_up_means_pxe_services_stopped(tmp_path, server, store):
     assert "1 .sbs file(s) waited over 60 s" in checks["sbs"]["finding"]
     assert "oldest 1234567890-client.sbs" in checks["sbs"]["finding"]
     assert "PXE services look stopped" in checks["sbs"]["finding"]
-    assert "_netboot_NSInterface" in checks["sbs"]["action"]
+    assert "[pxe] section" in checks["sbs"]["action"]
 
 
 def test_driver_packages_not_replicated(tmp_path, server, store):
