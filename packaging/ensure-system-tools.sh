@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
 # Installs the system tools that tests and benches use, when missing.
 # Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
-# (the tests that need a tool skip with its name; tests/test_powercut.py and
+# (the tests that need a tool skip with its name, but the PXE tests fail naming its
+# package; tests/test_powercut.py and
 # tests/test_flood.py fail without cc, which builds the LD_PRELOAD shim and the
 # flood generator: they must not pass unchecked).
 set -u
 declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone [cc]=gcc
                 [systemd-analyze]=systemd)
+# The PXE site server and its tests (docs/pxe.md): dnsmasq is the engine, and
+# QEMU's iPXE ROM PXE-boots a VM (a Debian kernel, a busybox initrd) in a
+# network namespace. Checked by file, since these are not all commands.
+declare -A file=([/usr/sbin/dnsmasq]=dnsmasq-base [/usr/bin/qemu-system-x86_64]=qemu-system-x86
+                 [/usr/lib/ipxe/qemu/pxe-virtio.rom]=ipxe-qemu [/usr/lib/ipxe/undionly.kpxe]=ipxe
+                 [/bin/busybox]=busybox-static [/sbin/ip]=iproute2)
 missing=()
 for tool in "${!pkg[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || missing+=("${pkg[$tool]}")
 done
+for path in "${!file[@]}"; do
+  [ -e "$path" ] || missing+=("${file[$path]}")
+done
+compgen -G '/boot/vmlinuz-*' >/dev/null || missing+=(linux-image-amd64)
 # The .deb the packaging test installs needs the system python3 with venv (ensurepip).
 /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -3,6 +3,9 @@ startup files (agent/pxe/startup.py), on real files: what dnsmasq and iPXE
 will read for each decision."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -89,14 +92,32 @@ def test_a_one_computer_change_rewrites_one_script_and_stale_scripts_go(tmp_path
     assert files_in(tmp_path).render(*state.decisions()).written == 0
 
 
-def test_prepare_copies_the_ipxe_loaders_and_names_the_missing_package(tmp_path):
-    files = files_in(tmp_path)
+@pytest.fixture
+def open_dir():
+    """A folder other users can enter, as dnsmasq (user nobody) must (pytest's
+    own tmp_path is under a 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix="dsagent-pxe-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_prepare_copies_the_ipxe_loaders_and_names_the_missing_package(open_dir):
+    files = files_in(open_dir)
     with pytest.raises(FileNotFoundError, match="install Debian's ipxe package"):
         files.prepare()
-    (tmp_path / "ipxe").mkdir()
-    (tmp_path / "ipxe" / "undionly.kpxe").write_bytes(b"\x00" * 100)
+    (open_dir / "ipxe").mkdir()
+    (open_dir / "ipxe" / "undionly.kpxe").write_bytes(b"\x00" * 100)
     files.prepare()
     assert (files.boot_dir / "undionly.kpxe").read_bytes() == b"\x00" * 100
+
+
+def test_prepare_names_the_folder_dnsmasq_could_not_enter(tmp_path, open_dir):
+    (open_dir / "closed").mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match=r"closed \(mode 0700\) is closed to other users"):
+        BootFiles(open_dir / "run", open_dir / "closed" / "tftp").prepare()
+    with pytest.raises(PermissionError, match="runs as user nobody"):
+        files_in(tmp_path).prepare()   # pytest's basetemp is 0700
 
 
 MACS = st.sampled_from([f"02:00:00:00:00:{i:02x}" for i in range(8)])

@@ -107,8 +107,14 @@ class BootFiles:
 
     def prepare(self) -> None:
         """Create the folders and copy the iPXE loaders; raise OSError naming
-        what is missing."""
+        what is missing or what dnsmasq, once it has dropped root, could not read."""
         self._make_folders()
+        for folder in (self.run_dir, self.boot_dir):
+            closed = closed_to_others(folder)
+            if closed:
+                raise PermissionError(
+                    f"{folder} cannot be read by dnsmasq, which runs as user nobody: {closed} "
+                    "is closed to other users (chmod o+rx, or choose another [pxe] tftp_root)")
         for name in LOADERS:
             source, target = self.ipxe_dir / name, self.boot_dir / name
             if not source.exists():
@@ -181,6 +187,17 @@ class BootFiles:
         except (OSError, UnicodeDecodeError):
             pass
         return known
+
+
+def closed_to_others(folder: Path) -> str | None:
+    """The first folder on the way to ``folder`` that other users cannot enter
+    (with its mode), or None if dnsmasq's user can reach it."""
+    folder = Path(folder).resolve()
+    for part in [*reversed(folder.parents), folder]:
+        mode = part.stat().st_mode
+        if not mode & 0o001 or (part == folder and not mode & 0o004):
+            return f"{part} (mode {mode & 0o777:04o})"
+    return None
 
 
 def _write(path: Path, text: str) -> None:

@@ -78,14 +78,19 @@ def check_engine(config: Config) -> Finding:
 
 
 def check_other_servers(config: Config) -> Finding:
-    from agent.pxe.probe import ProbeError, pxe_offers, random_mac
+    from agent.pxe.probe import discover
 
     interface = config.get("pxe", "interface")
     ours = (_status(config).get("address") or "").split("/")[0]
+    # a locally administered MAC nobody lists: only a server answering every
+    # computer answers it (our own dnsmasq never sees a frame sent from its
+    # own interface, probe.py)
+    mac = bytes([0x02]) + os.urandom(5)
     try:
-        offers = pxe_offers(interface, random_mac(), timeout=PROBE_S)
-    except ProbeError as exc:
-        return Finding("skip", f"cannot send a PXE request on {interface}: {exc}")
+        offers = discover(interface, mac, timeout=PROBE_S)
+    except OSError as exc:
+        return Finding("skip", f"cannot send a PXE request on {interface}: "
+                       f"{exc.strerror or exc} (needs root)")
     others = sorted({o.server for o in offers if o.server != ours and o.vendor_class.startswith(
         "PXEClient")})
     if others:

@@ -22,6 +22,7 @@ import collections
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,7 @@ engine_log = logging.getLogger("dsagent.pxe.dnsmasq")
 STARTED_WITHIN_S = 10.0          # dnsmasq binds and says "started" within this
 STOP_WITHIN_S = 5.0
 KEEP_LINES = 20                  # its last lines, quoted when it dies
+PREFIX_RE = re.compile(r"^dnsmasq(?:-(\w+))?(?:\[\d+\])?: ")
 
 
 class EngineError(DsagentError):
@@ -63,12 +65,14 @@ def interface_address(name: str) -> ipaddress.IPv4Interface | None:
 
 
 def command_line(binary: str, interface: str, address: ipaddress.IPv4Interface,
-                 tftp_root: Path, run_dir: Path, hosts_file: Path) -> list[str]:
+                 tftp_root: Path, hosts_file: Path) -> list[str]:
     network = address.network
     server = str(address.ip)
     return [
         binary, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
-        "--bind-interfaces", f"--interface={interface}",
+        # --bind-dynamic, not --bind-interfaces: the same sockets, without a
+        # "LOUD WARNING" for every new interface on the host (pxe-lab tests)
+        "--bind-dynamic", f"--interface={interface}",
         f"--dhcp-range={network.network_address},proxy,{network.netmask}",
         "--enable-tftp", f"--tftp-root={tftp_root}",
         f"--dhcp-hostsfile={hosts_file}", "--dhcp-ignore=tag:!known",
@@ -78,17 +82,16 @@ def command_line(binary: str, interface: str, address: ipaddress.IPv4Interface,
         f"--pxe-service=tag:!ipxe,X86-64_EFI,chainload-iPXE,{BOOT_DIR}/ipxe.efi",
         f"--pxe-service=tag:!ipxe,BC_EFI,chainload-iPXE,{BOOT_DIR}/ipxe.efi",
         "--log-facility=-", "--log-dhcp", "--pid-file=",
-        f"--dhcp-leasefile={run_dir / 'leases'}",
+        "--leasefile-ro",   # a proxy hands out no leases
     ]
 
 
 class Dnsmasq:
     """Start, reload, watch and stop one dnsmasq child."""
 
-    def __init__(self, interface: str, tftp_root: Path, run_dir: Path, hosts_file: Path):
+    def __init__(self, interface: str, tftp_root: Path, hosts_file: Path):
         self.interface = interface
         self.tftp_root = Path(tftp_root)
-        self.run_dir = Path(run_dir)
         self.hosts_file = Path(hosts_file)
         self.proc: subprocess.Popen | None = None
         self.last_lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
@@ -111,7 +114,7 @@ class Dnsmasq:
             raise EngineError(f"interface {self.interface} has no IPv4 address (or does not "
                               "exist): dnsmasq cannot answer PXE there")
         argv = command_line(find_dnsmasq(), self.interface, address, self.tftp_root,
-                            self.run_dir, self.hosts_file)
+                            self.hosts_file)
         self.last_lines.clear()
         self._started.clear()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -138,14 +141,17 @@ class Dnsmasq:
     def _copy_log(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
         for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line.startswith("dnsmasq: "):
-                line = line[len("dnsmasq: "):]
+            # "dnsmasq-dhcp[812]: PXE(br0) ..." -> "dhcp: PXE(br0) ..."
+            line = PREFIX_RE.sub(lambda m: f"{m.group(1) or 'dnsmasq'}: ",
+                                 raw.decode("utf-8", "replace").rstrip(), count=1)
             self.last_lines.append(line)
-            if " started, version " in f" {line}" or line.startswith("started, version"):
+            if line.startswith("dnsmasq: started, version"):
                 self._started.set()
-            level = (logging.ERROR if "failed" in line or "FAILED" in line
-                     else logging.INFO)
+            # "cannot read <hosts>": it then answers nobody, though it runs
+            if "failed" in line.lower() or "cannot" in line or "bad " in line:
+                level = logging.ERROR
+            else:
+                level = logging.INFO
             engine_log.log(level, "%s", line)
 
     def reload(self) -> None:

@@ -81,8 +81,7 @@ class PXEService:
                              timeout=SERVER_TIMEOUT_S)
         self.health = HealthReporter(self.api, float(config.get("cta", "poll_interval_s")))
         self.files = BootFiles(run_dir_for(config.state_dir), self.tftp_root)
-        self.engine = Dnsmasq(self.interface, self.tftp_root, self.files.run_dir,
-                              self.files.hosts_path)
+        self.engine = Dnsmasq(self.interface, self.tftp_root, self.files.hosts_path)
         self.stop = threading.Event()
         self.applied = 0
         self.rejected = 0
