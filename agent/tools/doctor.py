@@ -32,6 +32,7 @@ from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocu
 from agent.plugin import CheckResult, DoctorCheck
 from agent.plugin.checks import CHECK_STATUSES
 from agent.plugin.manager import HandlerRegistry, load_handlers
+from agent.pxe.checks import CHECKS as PXE_CHECKS
 from agent.tools.progressbar import ProgressBar
 from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
 from agent.tools.status import format_peer, human_age
@@ -98,10 +99,12 @@ class Doctor:
         ]
 
     def pxe_checks(self) -> list[tuple[str, Callable[[], Result]]]:
-        """A PXE site server's checks (agent/pxe/checks.py), only with [pxe]."""
-        if self.config is None or not self.config.has_section("pxe"):
-            return []
-        from agent.pxe.checks import CHECKS as PXE_CHECKS
+        """A PXE site server's rows (agent/pxe/checks.py), only with [pxe]."""
+        try:
+            if not load_config(self.path).has_section("pxe"):
+                return []
+        except (DsagentError, OSError):
+            return []   # the config check says why
 
         def run(name, check):
             try:
@@ -116,12 +119,10 @@ class Doctor:
         bar.update(0, "loading the handler plugins", force=True)
         self.registry = _load_plugins()
         at = [name for name, _ in self.checks].index("clock") + 1
-        checks = self.checks[:at] + self.plugin_checks() + self.checks[at:]
+        checks = self.checks[:at] + self.plugin_checks() + self.checks[at:-1] \
+            + self.pxe_checks() + self.checks[-1:]
         results = []
         for index, (name, check) in enumerate(checks):
-            if name == "handlers":   # the config is known by now: a PXE server's rows too
-                checks[index:index] = self.pxe_checks()
-                name, check = checks[index]
             bar.update(100 * index / len(checks),
                        f"check {index + 1} of {len(checks)}: {name}", force=True)
             if self.config is None and name != "config":
