@@ -228,20 +228,19 @@ def remove_stale() -> list[str]:
 
 def proxy_args(root: Path | str, run: Path | str, address: str = "198.18.0.1",
                network: str = "198.18.0.0", interface: str = "br0") -> list[str]:
-    """The proxy DHCP + TFTP dnsmasq command line validated by hand on this
-    machine (/tmp/pxelab-findings.md): answers only the MACs of ``run/hosts``
-    (one bare MAC a line, or ``*:*:*:*:*:*`` for all), re-read on SIGHUP;
-    iPXE gets ``dsagent-pxe/boot.ipxe`` straight in the offer, other PXE
-    ROMs chain-load iPXE from ``root/dsagent-pxe/``. Logs to stderr. The
-    product's own line lives in agent/pxe; this one is the tests' reference."""
-    return ["--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--bind-dynamic",
-            f"--interface={interface}", f"--dhcp-range={network},proxy,255.255.255.0",
-            "--enable-tftp", f"--tftp-root={root}", f"--dhcp-hostsfile={run}/hosts",
-            f"--dhcp-optsfile={run}/opts", "--dhcp-ignore=tag:!known",
-            "--dhcp-match=set:ipxe,175", f"--dhcp-boot=tag:ipxe,dsagent-pxe/boot.ipxe,,{address}",
-            "--pxe-service=tag:!ipxe,x86PC,chainload-iPXE,dsagent-pxe/undionly.kpxe",
-            "--pxe-service=tag:!ipxe,X86-64_EFI,chainload-iPXE,dsagent-pxe/ipxe.efi",
-            "--log-facility=-", "--log-dhcp", "--pid-file=", "--leasefile-ro"]
+    """The PXE process's own dnsmasq command line (agent/pxe/dnsmasq.py, checked
+    by hand on this machine: /tmp/pxelab-findings.md), for a dnsmasq the test
+    runs itself: answers only the MACs of ``run/hosts`` (one bare MAC a line,
+    or ``*:*:*:*:*:*`` for all), re-read on SIGHUP; iPXE gets
+    ``dsagent-pxe/boot.ipxe`` straight in the offer, other PXE ROMs chain-load
+    iPXE from ``root/dsagent-pxe/``. Logs to stderr."""
+    import ipaddress
+
+    from agent.pxe.dnsmasq import command_line
+
+    prefix = ipaddress.ip_network(f"{network}/24").prefixlen
+    return command_line("dnsmasq", interface, ipaddress.IPv4Interface(f"{address}/{prefix}"),
+                        Path(root), Path(run) / "hosts")[1:]
 
 
 class Lab:
@@ -487,11 +486,13 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
     return head + data + b"\0" * (-len(data) % 4)
 
 
-def build_initrd(folder: Path | str, show: str | bytes | Path, marker: str = MARKER,
-                 name: str = "initrd.img") -> Path:
+def build_initrd(folder: Path | str, show: str | bytes | Path | None = None,
+                 marker: str = MARKER, name: str = "initrd.img", cat: str = "/show") -> Path:
     """A gzip newc initrd in ``folder``: busybox-static and an ``/init`` that
-    mounts proc (and devtmpfs), prints ``marker`` and then ``show`` (a text,
-    or a file's content read now) to /dev/ttyS0, and runs ``poweroff -f``."""
+    mounts proc (and devtmpfs), prints ``marker`` and then the file ``cat``
+    to /dev/ttyS0, and runs ``poweroff -f``. ``/show`` holds ``show`` (a text,
+    or a file's content read now); with ``show=None``, ``cat`` names a file
+    another archive part brings (BootWizRebuild's drivers)."""
     if isinstance(show, Path):
         show = show.read_bytes()
     elif isinstance(show, str):
@@ -500,11 +501,11 @@ def build_initrd(folder: Path | str, show: str | bytes | Path, marker: str = MAR
             f"{BUSYBOX} mount -t proc proc /proc\n"
             f"{BUSYBOX} mount -t devtmpfs devtmpfs /dev\n"
             f"echo {marker} > /dev/ttyS0\n"
-            f"{BUSYBOX} cat /show > /dev/ttyS0\n"
+            f"{BUSYBOX} cat {cat} > /dev/ttyS0\n"
             f"{BUSYBOX} poweroff -f\n").encode()
     entries = [("dev", 0o040755, b""), ("dev/console", 0o020600, b""), ("proc", 0o040755, b""),
                ("bin", 0o040755, b""), ("bin/busybox", 0o100755, Path(need(BUSYBOX)).read_bytes()),
-               ("init", 0o100755, init), ("show", 0o100644, show)]
+               ("init", 0o100755, init)] + ([("show", 0o100644, show)] if show is not None else [])
     raw = b"".join(_cpio_entry(n, m, d, (5, 1) if n == "dev/console" else (0, 0), ino=i + 1)
                    for i, (n, m, d) in enumerate(entries))
     raw += _cpio_entry("TRAILER!!!", 0)

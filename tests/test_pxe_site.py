@@ -7,8 +7,11 @@ or iproute2 is missing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,10 +55,12 @@ class Site:
         return facts if facts.get("serving") and facts.get("dnsmasq_pid") else None
 
     def offers(self, mac: str, timeout: float = 1.0):
+        """Our PXE server's offers (not the site DHCP server's) for ``mac``."""
         if self.port is None:
             self.port = self.lab.port()
         with self.lab.inside():
-            return discover(self.port, mac, timeout=timeout, ipxe=True, stop_after=1)
+            return [o for o in discover(self.port, mac, timeout=timeout, ipxe=True)
+                    if o.server == self.lab.address]
 
     def answered(self, mac: str) -> bool:
         return bool(self.offers(mac))
@@ -163,3 +168,61 @@ def test_a_site_server_starts_after_its_startup_answer_and_follows_the_console(s
     assert rows["pxe-other-servers"]["status"] == "ok", rows["pxe-other-servers"]
     assert rows["pxe-configurations"]["status"] == "fail"      # auto64 was never built
     assert "auto64" in rows["pxe-configurations"]["finding"]
+
+
+# ---- a VM booted by QEMU's iPXE ROM ----------------------------------------------
+
+DRIVER_FILE = "lib/firmware/dsagent-test/driver.txt"
+
+
+def test_a_vm_boots_the_bootwiz_configuration_and_follows_its_action(site, tmp_path):
+    """The judge is QEMU's iPXE: a computer set to automation boots the
+    configuration BootWizRebuild built (its driver file shows on the serial
+    console); set to production it goes on to its disks; set to ignore it gets
+    no answer. One dnsmasq all along. TCG, BIOS (pxe-lab.md)."""
+    pxelab.need_all()
+    lab, chain, console = site.lab, site.chain, site.console
+    lab.site_dhcp()                                   # the site's ordinary DHCP server
+    base = site.preboot / "debian12"
+    base.mkdir(mode=0o755)
+    shutil.copy(pxelab.kernel(), base / "vmlinuz")
+    pxelab.build_initrd(base, cat=f"/{DRIVER_FILE}")
+    shown = f"driver content {secrets.token_hex(8)}\n".encode()
+    package = tmp_path / "packages" / "nic-test"
+    (package / os.path.dirname(DRIVER_FILE)).mkdir(parents=True)
+    (package / DRIVER_FILE).write_bytes(shown)
+    (package / "manifest.json").write_text(json.dumps({"id": "nic-test", "files": [
+        {"path": DRIVER_FILE, "sha256": hashlib.sha256(shown).hexdigest()}]}))
+    console.add_computers([{"mac": AUTO, "name": "pc-auto", "action": "automation",
+                            "config": "auto64"}])
+    with lab.inside():
+        chain.start()
+        chain.wait_first_pull()
+    pid = wait_until(site.serving, 30, "the PXE process to serve")["dnsmasq_pid"]
+    task = chain.queue("BootWizRebuild", {"config": "auto64", "base": "debian12",
+                                          "drivers": "nic-test"})
+    with lab.inside():
+        chain.tickle()
+    assert chain.wait([task], 120), chain.events(task)
+    assert chain.events(task)[-1]["state"] == "succeeded", chain.events(task)[-1]
+
+    done = (pxelab.MARKER, pxelab.NO_BOOTABLE_DEVICE, pxelab.NOTHING_TO_BOOT)
+    automation = lab.boot(AUTO, done=done, timeout=60)
+    assert automation.done == pxelab.MARKER, automation.serial[-3000:]
+    assert shown.decode().strip() in automation.serial
+
+    site.server_cli("set-action", "--mac", AUTO, "--action", "production")
+    script = f"tftp://{lab.address}/dsagent-pxe/{AUTO.replace(':', '-')}.ipxe"
+    wait_until(lambda: "production" in lab.check(["curl", "-sS", script]), 30,
+               "the per-MAC script to say production")
+    production = lab.boot(AUTO, done=done, timeout=60)
+    assert production.done == pxelab.NO_BOOTABLE_DEVICE, production.serial[-3000:]
+    assert pxelab.MARKER not in production.serial
+
+    site.server_cli("set-action", "--mac", AUTO, "--action", "ignore")
+    wait_until(lambda: not site.answered(AUTO), 30, "the PXE server to stop answering")
+    ignored = lab.boot(AUTO, done=done, timeout=60)
+    assert ignored.done == pxelab.NOTHING_TO_BOOT, ignored.serial[-3000:]
+    assert site.state()["dnsmasq_pid"] == pid          # no restart for any of it
+    print(f"boots: automation {automation.seconds:.1f} s, production "
+          f"{production.seconds:.1f} s, ignore {ignored.seconds:.1f} s")
