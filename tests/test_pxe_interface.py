@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -219,17 +220,18 @@ def test_a_restart_keeps_the_state(env, tmp_path):
         again.close()
 
 
-def test_a_thousand_files_in_one_scan(env):
+def test_ten_thousand_files_in_one_scan(env):
+    """A mass roll-out's files all apply in one scan (one transaction); its
+    speed is bench/pxe.py's."""
     sbs, state = env
-    macs = [f"02:00:00:00:{i // 256:02x}:{i % 256:02x}" for i in range(1000)]
+    macs = [f"02:00:00:00:{i // 256:02x}:{i % 256:02x}" for i in range(10_000)]
     for mac in macs:
         drop(sbs, uid(), f'<Update><Computer mac="{mac}" action="automation" config="c"/></Update>')
-    started = time.monotonic()
     result = scan(sbs, state)
-    took = time.monotonic() - started
-    assert len(result.applied) == 1000 and os.listdir(sbs) == []
-    assert state.counts()["computers"] == 1000 and state.decision(macs[-1]) == ("automation", "c")
-    assert took < 10, f"1,000 files took {took:.1f} s"
+    assert len(result.applied) == 10_000 and os.listdir(sbs) == []
+    assert len(os.listdir(store_dir(sbs))) == 10_000
+    assert state.counts()["computers"] == 10_000
+    assert state.decision(macs[-1]) == ("automation", "c")
 
 
 def test_store_not_writable_is_a_clear_error_and_nothing_is_lost(env):
@@ -386,3 +388,84 @@ def test_a_missing_sbs_folder_is_said_once_and_taken_when_it_appears(tmp_path, p
     assert proc.wait(timeout=20) == 0
     log = (tmp_path / "pxe.out").read_text()
     assert log.count("cannot list the SBS folder") == 1 and "usable again" in log
+
+
+def test_the_folder_watch_wakes_at_once_on_a_new_sbs_file(tmp_path):
+    from agent.pxe.wake import FolderWatch
+
+    sbs = tmp_path / "SBS"
+    watch = FolderWatch(sbs)              # the folder does not exist yet: polled
+    try:
+        assert watch.wait(0.05) is False and not watch.using_inotify
+        sbs.mkdir()
+        assert watch.wait(0.05) is True   # it appeared (its mtime), and is watched from now
+        watch._next_try = 0.0
+        assert watch.wait(0.05) is False and watch.using_inotify
+        woke = []
+        timer = threading.Timer(0.3, lambda: drop(sbs, uid(), IMAGES))
+        timer.start()
+        started = time.monotonic()
+        woke.append(watch.wait(30))
+        timer.join()
+        assert woke == [True] and time.monotonic() - started < 10   # not the 30 s timeout
+    finally:
+        watch.close()
+
+
+CHILD = r"""
+import os, subprocess, sys
+from pathlib import Path
+from agent.pxe.interface import InterfaceError, scan, store_dir
+from agent.pxe.state import PXEState
+
+top, how, doc = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+sbs = top / "sbs" / "SBS"
+sbs.mkdir(parents=True)
+(sbs / "4829301756-client.sbs").write_text(doc)
+# full: the state is on the full disk too (the moves alone need no space)
+state = PXEState(top / "state" if how == "full" else top.parent / "state")
+if how == "full":
+    with open(top / "filler", "wb", buffering=0) as fh:   # fill it to the last block
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+else:
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(top)], check=True)
+try:
+    scan(sbs, state)
+    print("no error")
+except InterfaceError as exc:
+    print("ERROR", exc)
+print("LEFT", sorted(os.listdir(sbs)), state.counts()["computers"])
+if how == "full":
+    os.unlink(top / "filler")
+else:
+    subprocess.run(["mount", "-o", "remount,rw,bind", str(top)], check=True)
+print("THEN", [n for n, _ in scan(sbs, state).applied], sorted(os.listdir(sbs)))
+"""
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_full_or_read_only_sbs_disk_is_a_clear_error_and_nothing_is_lost(tmp_path, how):
+    """A real full file system (a 256 KiB tmpfs holding the state as well:
+    moving files needs no space, committing does) and a real read-only one (a
+    read-only bind mount, which stops root too), in a mount namespace of
+    their own: the scan says why, the file stays, the next scan takes it."""
+    top = tmp_path / "disk"
+    top.mkdir()
+    mount = (f"mount -t tmpfs -o size=256k tmpfs {top}" if how == "full"
+             else f"mount --bind {top} {top}")
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'{mount} && exec "$0" -c "$1" "$2" "$3" "$4"', sys.executable, CHILD, str(top), how,
+         CLIENTS], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    cause = "full" if how == "full" else "read-only file system"
+    print(lines[0])
+    assert lines[0].startswith("ERROR") and cause in lines[0], lines
+    assert "stay" in lines[0]                                   # and it says so
+    assert lines[1] == "LEFT ['4829301756-client.sbs'] 0"      # nothing lost, nothing applied
+    assert lines[2] == "THEN ['4829301756-client.sbs'] []"     # taken once the disk is usable

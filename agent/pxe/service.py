@@ -18,10 +18,10 @@ applied a startup answer before serves its saved state (clients still boot
 while the task server is down) and asks again every ``STARTUP_RETRY_S``; one
 that never had an answer does not serve until it gets one.
 
-Waking: the folder's mtime is polled every ``POLL_S`` (0.5 s): a stat per
-poll, no new dependency, and it works on every file system; a full scan
-also runs every ``RESCAN_S`` in case an mtime change was missed, and after
-a failed scan every ``RETRY_S``.
+Waking (wake.py): inotify on the SBS folder wakes the loop the moment a
+``.sbs`` file arrives, else it looks every ``POLL_S`` (0.5 s), when dnsmasq
+is also checked; a full scan also runs every ``RESCAN_S`` in case a change
+was missed, and after a failed scan every ``RETRY_S``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from agent.pxe.interface import (PRUNE_EVERY_S, InterfaceError, ScanResult, prun
                                  store_dir)
 from agent.pxe.startup import StartupError, write_startup_files
 from agent.pxe.state import PXEState
+from agent.pxe.wake import FolderWatch
 
 log = logging.getLogger("dsagent.pxe")
 
@@ -83,6 +84,7 @@ class PXEService:
         self.files = BootFiles(run_dir_for(config.state_dir), self.tftp_root)
         self.engine = Dnsmasq(self.interface, self.tftp_root, self.files.hosts_path)
         self.stop = threading.Event()
+        self.watch = FolderWatch(self.sbs_dir)
         self.applied = 0
         self.rejected = 0
         self.next_prune = 0.0
@@ -257,32 +259,28 @@ class PXEService:
             health_error=self.health.last_error)
         self.health.report(state_body(self.serving, self.reason, counts, last))
 
-    def _mtime(self) -> int | None:
-        try:
-            return os.stat(self.sbs_dir).st_mtime_ns
-        except OSError:
-            return None
-
     def run(self) -> None:
         counts = self.state.counts()
         log.info("PXE process started for %s, SBS folder %s: %d computer(s), %d predefined, "
                  "%d image(s) in %s", self.interface, self.sbs_dir, counts["computers"],
                  counts["predefined"], counts["images"], self.state.path)
         self.health.start()
-        seen = self._mtime()
         ok = self.scan_once()
         last_scan = time.monotonic()
         self.watch_engine()
-        while not self.stop.wait(POLL_S):
-            mtime = self._mtime()
+        while not self.stop.is_set():
+            # armed before the scan: a file added during it wakes us again
+            changed = self.watch.wait(POLL_S)
+            if self.stop.is_set():
+                break
             since = time.monotonic() - last_scan
-            if mtime != seen or since >= RESCAN_S or (not ok and since >= RETRY_S):
-                seen = mtime  # taken before the scan: a file added during it wakes us again
+            if changed or since >= RESCAN_S or (not ok and since >= RETRY_S):
                 ok = self.scan_once()
                 last_scan = time.monotonic()
             self.watch_engine()
 
     def close(self) -> None:
+        self.watch.close()
         self.engine.stop()
         self.serving = False
         self.reason = "the PXE process stopped"
