@@ -520,6 +520,7 @@ def test_first_build_failing_leaves_no_config_folder(env):
     ({"drivers": "e1000e,../x"}, r"parameter 'drivers': driver package id '../x' is not allowed"),
     ({"drivers": "a/b"}, r"parameter 'drivers': driver package id 'a/b' is not allowed"),
     ({"config": ""}, r"parameter 'config' is empty"),
+    ({"config": "dsagent-pxe"}, r"parameter 'config' 'dsagent-pxe' is reserved: the PXE process"),
     ({"kernel_args": "quiet"},
      r"unknown parameter 'kernel_args' \(BootWizRebuild takes config, base, drivers\)"),
 ])
@@ -718,3 +719,10 @@ def test_end_to_end_through_the_loopback_chain(env, tmp_path):
     assert bad_events[-1]["state"] == "failed"
     assert "driver package 'r8169' has not replicated yet" in bad_events[-1]["message"]
     assert current(env) == version
+
+
+def test_the_reserved_name_is_the_pxe_process_folder():
+    from agent.pxe.bootfiles import BOOT_DIR
+    from handlers.bootwiz.plugin import PXE_FOLDER
+
+    assert PXE_FOLDER == BOOT_DIR

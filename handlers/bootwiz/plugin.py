@@ -37,11 +37,19 @@ def dsagent_task_types(register):
                       parameters=PARAMETERS))
 
 
+# the PXE process's own folder in the TFTP root (agent/pxe/bootfiles.py BOOT_DIR;
+# a handler imports only agent.plugin, so it is named here, and a test checks both)
+PXE_FOLDER = "dsagent-pxe"
+
+
 @hookimpl
 def dsagent_validate_task(task, config):
     params = task.parameters  # present and not empty: checked by the core
     try:
         check_name(params["config"], "parameter 'config'")
+        if params["config"] == PXE_FOLDER:
+            raise BootWizError(f"parameter 'config' {PXE_FOLDER!r} is reserved: the PXE "
+                               "process keeps its boot scripts in that folder of the TFTP root")
         check_name(params["base"], "parameter 'base'")
         parse_drivers(params.get("drivers"))
     except BootWizError as exc:
