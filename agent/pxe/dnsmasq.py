@@ -40,6 +40,11 @@ STARTED_WITHIN_S = 10.0          # dnsmasq binds and says "started" within this
 STOP_WITHIN_S = 5.0
 KEEP_LINES = 20                  # its last lines, quoted when it dies
 PREFIX_RE = re.compile(r"^dnsmasq(?:-(\w+))?(?:\[\d+\])?: ")
+# --log-dhcp's detail of each exchange (options sent, tags...): DEBUG, so that the
+# log keeps one line per request ("PXE(eth1) <mac> proxy"), its boot file and
+# each TFTP transfer
+DETAIL_RE = re.compile(r"^dhcp: \d+ (sent size|available DHCP|vendor class|user class|tags:|"
+                       r"next server|broadcast response|client provides)|compile time options")
 
 
 class EngineError(DsagentError):
@@ -150,6 +155,8 @@ class Dnsmasq:
             # "cannot read <hosts>": it then answers nobody, though it runs
             if "failed" in line.lower() or "cannot" in line or "bad " in line:
                 level = logging.ERROR
+            elif DETAIL_RE.search(line):
+                level = logging.DEBUG
             else:
                 level = logging.INFO
             engine_log.log(level, "%s", line)
