@@ -1,13 +1,15 @@
-"""``python -m bench [chain|imaging|all] [--quick]``: measure, print a table.
+"""``python -m bench [chain|imaging|pxe|all] [--quick]``: measure, print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
 (also ``--only imaging``) measures disk capture/deploy against zstd and
-partclone (bench/imaging.py); ``all`` (also ``--all``) runs both.
+partclone (bench/imaging.py); ``pxe`` three PXE site servers answering a
+console change and serving boot scripts (bench/pxe.py; root and dnsmasq);
+``all`` (also ``--all``) runs the three.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
-``bench/results.md``: the chain section first, then a ``## Imaging`` section.
-A run replaces the section(s) it measured and keeps the other one as it was.
-Nothing is asserted.
+``bench/results.md``: the chain section first, then a ``## Imaging`` section,
+then a ``## PXE site server`` section. A run replaces the section(s) it
+measured and keeps the others as they were. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 from bench import chain as chain_bench
 from bench import imaging as imaging_bench
 from bench import micro
+from bench import pxe as pxe_bench
 from bench.report import Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table
 
 RESULTS = Path(__file__).with_name("results.md")
 IMAGING_HEADING = "## Imaging"
+PXE_HEADING = pxe_bench.HEADING
 
 LATENCY_GOAL_S = 0.005
 THROUGHPUT_GOAL = 200.0
@@ -162,23 +166,29 @@ PSS splits them. Expect run-to-run spread of tens of percent on a small VM.
 """
 
 
-def merge_results(old: str, chain: str | None, imaging: str | None) -> str:
+def merge_results(old: str, chain: str | None, imaging: str | None,
+                  pxe: str | None = None) -> str:
     """results.md with the given sections replaced and the others kept from ``old``."""
+    cut = old.find("\n" + PXE_HEADING + "\n")       # the PXE section is the last one
+    old, old_pxe = (old[:cut], old[cut + 1:]) if cut >= 0 else (old, "")
+    if old.startswith(PXE_HEADING + "\n"):
+        old, old_pxe = "", old
     cut = old.find("\n" + IMAGING_HEADING + "\n")
     old_chain, old_imaging = (old[:cut], old[cut + 1:]) if cut >= 0 else (old, "")
     if old.startswith(IMAGING_HEADING + "\n"):
         old_chain, old_imaging = "", old
     parts = [p.strip() for p in (chain if chain is not None else old_chain,
-                                 imaging if imaging is not None else old_imaging) if p.strip()]
+                                 imaging if imaging is not None else old_imaging,
+                                 pxe if pxe is not None else old_pxe) if p.strip()]
     return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", nargs="?", choices=("chain", "imaging", "all"),
+    parser.add_argument("suite", nargs="?", choices=("chain", "imaging", "pxe", "all"),
                         help="what to measure (default: chain)")
-    parser.add_argument("--only", choices=("chain", "imaging"), help="same as SUITE")
+    parser.add_argument("--only", choices=("chain", "imaging", "pxe"), help="same as SUITE")
     parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
                         help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool")
@@ -200,17 +210,25 @@ def main(argv: list[str] | None = None) -> int:
     n_tickles = args.tickles or (50 if args.quick else 200)
     n_tasks = args.tasks or (200 if args.quick else 1000)
     timeout = 45.0 if args.quick else 90.0
+    if suite in ("pxe", "all"):
+        try:
+            pxe_bench.check()           # before anything runs: root, dnsmasq, ip, ipxe
+        except pxe_bench.Unavailable as exc:
+            parser.exit(2, f"python -m bench: error: {exc}\n")
+        pxe_bench.clean_up_on_sigterm()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    chain_text = imaging_text = None
+    chain_text = imaging_text = pxe_text = None
     try:
         if suite in ("chain", "all"):
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
         if suite in ("imaging", "all"):
             runs = args.runs or (1 if args.quick else 3)
             imaging_text = imaging_bench.section(workdir / "imaging", runs, args.cold, args.quick)
+        if suite in ("pxe", "all"):
+            pxe_text = pxe_bench.section(workdir / "pxe", args.quick)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -218,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {workdir}")
     out = Path(args.out)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    print("\n\n".join(t for t in (chain_text, imaging_text) if t))
-    out.write_text(merge_results(old, chain_text, imaging_text), encoding="utf-8")
+    print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text) if t))
+    out.write_text(merge_results(old, chain_text, imaging_text, pxe_text), encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
     return 0
 

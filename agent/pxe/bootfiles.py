@@ -163,11 +163,19 @@ class BootFiles:
                 pass
             del self._known[name]
             result.deleted += 1
+        built: dict[str, bool] = {}   # one stat per configuration, not per computer
         for mac, decision in [*decisions.items(), ("unknown computers", unknown)]:
-            if decision.action == "automation" and decision.config and not (
-                    self.tftp_root / decision.config / "current" / "boot.ipxe").exists():
-                result.unbuilt.setdefault(decision.config, []).append(mac)
+            if decision.action == "automation" and decision.config:
+                if decision.config not in built:
+                    built[decision.config] = (
+                        self.tftp_root / decision.config / "current" / "boot.ipxe").exists()
+                if not built[decision.config]:
+                    result.unbuilt.setdefault(decision.config, []).append(mac)
         return result
+
+    def remove_run_dir(self) -> None:
+        """dnsmasq's folder, when the PXE process stops (it is rendered anew at start)."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _read_existing(self) -> dict[str, str]:
         """What a previous run left, so that only differences are written."""

@@ -282,6 +282,7 @@ class PXEService:
     def close(self) -> None:
         self.watch.close()
         self.engine.stop()
+        self.files.remove_run_dir()
         self.serving = False
         self.reason = "the PXE process stopped"
         self.publish()
