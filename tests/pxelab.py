@@ -212,7 +212,7 @@ def remove_stale() -> list[str]:
             removed.append(str(path))
     for line in _ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(rf"{PREFIX}-(\d+)-\d+(-site)?", name)
+        m = re.fullmatch(rf"{PREFIX}-(\d+)-\d+(-[a-z]+)?", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             # what the dead run left running in it (a dnsmasq that dropped
             # privileges loses PR_SET_PDEATHSIG): lab processes by construction
@@ -382,14 +382,8 @@ class Lab:
         """The site's plain DHCP server (198.18.X.50-100, RA for fd18::/64),
         in its own namespace joined to br0 by a veth; started once."""
         if self.site is None:
-            self._add_namespace(self.site_ns)
-            self.ip("link", "add", "vsite", "type", "veth", "peer", "name", "eth0",
-                    "netns", self.site_ns)
-            self.ip("link", "set", "vsite", "master", self.bridge, "up")
-            for args in (("addr", "add", f"{self.site_address}/24", "dev", "eth0"),
-                         ("addr", "add", "fd18::2/64", "dev", "eth0", "nodad"),
-                         ("link", "set", "eth0", "up")):
-                _ip("-n", self.site_ns, *args)
+            self.join(self.site_ns, self.site_address)
+            _ip("-n", self.site_ns, "addr", "add", "fd18::2/64", "dev", "eth0", "nodad")
             base = self.network.rsplit(".", 1)[0]
             self.site = self.dnsmasq(
                 ["--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--bind-interfaces",
@@ -398,6 +392,18 @@ class Lab:
                  "--leasefile-ro", "--pid-file=", "--log-facility=-",
                  "--log-dhcp"], name="site-dnsmasq", ns=self.site_ns)
         return self.site
+
+    def join(self, ns: str, address: str) -> str:
+        """Make namespace ``ns`` (a name ``<lab>-<word>``) and join it to br0 by a
+        veth whose end there is ``eth0`` with ``address``/24: another host on the
+        link (the site's DHCP server, another PXE server). Returns ``ns``."""
+        self._add_namespace(ns)
+        outside = f"v{len(self._namespaces)}{ns.rsplit('-', 1)[-1]}"[:15]
+        self.ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self.ip("link", "set", outside, "master", self.bridge, "up")
+        for args in (("addr", "add", f"{address}/24", "dev", "eth0"), ("link", "set", "eth0", "up")):
+            _ip("-n", ns, *args)
+        return ns
 
     def add_tap(self) -> str:
         """A new tap on br0 (for one VM at a time); its name."""

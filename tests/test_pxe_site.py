@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 import pxelab
@@ -29,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTO = "52:54:00:00:00:01"
 PROD = "52:54:00:00:00:02"
 IGN = "52:54:00:00:00:03"
+ROGUE = "198.18.0.3"          # another PXE server on the link
 
 
 class Site:
@@ -154,6 +156,20 @@ def test_a_site_server_starts_after_its_startup_answer_and_follows_the_console(s
     wait_until(lambda: chain.server.pxe_servers()[0]["state"]["serving"], 15,
                "the task server to hear that PXE is served again")
 
+    # the PXE process itself killed: dsagent run restarts it, and the new one
+    # stops the dnsmasq it left (which would hold the ports) before its own
+    pxe, orphan = chain.child("pxe"), facts["dnsmasq_pid"]
+    pxe.kill()
+    facts = wait_until(lambda: (c := chain.child("pxe")) and c.pid != pxe.pid
+                       and (f := site.serving()) and f["dnsmasq_pid"] != orphan and f, 60,
+                       "a new PXE process serving with a new dnsmasq")
+    assert f"stopping dnsmasq pid {orphan}, left running by an earlier PXE process" \
+        in site.log() or not psutil.pid_exists(orphan)
+    wait_until(lambda: not psutil.pid_exists(orphan)
+               or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, 15,
+               "the old dnsmasq to be gone")
+    assert site.answered(AUTO)
+
     # dsagent status and doctor say the same
     status = subprocess.run([sys.executable, "-m", "agent", "status", "--config",
                              str(chain.config_path)], capture_output=True, text=True, cwd=REPO,
@@ -168,6 +184,18 @@ def test_a_site_server_starts_after_its_startup_answer_and_follows_the_console(s
     assert rows["pxe-other-servers"]["status"] == "ok", rows["pxe-other-servers"]
     assert rows["pxe-configurations"]["status"] == "fail"      # auto64 was never built
     assert "auto64" in rows["pxe-configurations"]["finding"]
+
+    # another PXE server on the link, answering every computer: the doctor names it
+    rogue = lab.join(f"{lab.ns}-rogue", ROGUE)
+    root, run = lab.public_dir("rogue-root"), lab.public_dir("rogue-run")
+    (run / "hosts").write_text("*:*:*:*:*:*\n")
+    lab.dnsmasq(pxelab.proxy_args(root, run, ROGUE, lab.network, "eth0"), ns=rogue)
+    doctor = subprocess.run(["ip", "netns", "exec", lab.ns, sys.executable, "-m", "agent",
+                             "doctor", "--config", str(chain.config_path), "--json"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    row = {r["name"]: r for r in json.loads(doctor.stdout)["checks"]}["pxe-other-servers"]
+    assert row["status"] == "fail" and f"another PXE server answers on br0: {ROGUE}" \
+        in row["finding"], row
 
 
 # ---- a VM booted by QEMU's iPXE ROM ----------------------------------------------

@@ -49,7 +49,7 @@ def kill_adopted(known_pids: set[int]) -> int:
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 victims = child.children(recursive=True) + [child]
-                log.warning("killing orphaned handler process %d (%s) and %d descendant(s)",
+                log.warning("killing orphaned process %d (%s) and %d descendant(s)",
                             child.pid, " ".join(child.cmdline())[:120], len(victims) - 1)
                 for proc in victims:
                     proc.kill()

@@ -120,6 +120,7 @@ class Dnsmasq:
                               "exist): dnsmasq cannot answer PXE there")
         argv = command_line(find_dnsmasq(), self.interface, address, self.tftp_root,
                             self.hosts_file)
+        self.stop_leftovers()
         self.last_lines.clear()
         self._started.clear()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -143,13 +144,31 @@ class Dnsmasq:
         log.info("dnsmasq started (pid %d): proxy DHCP on %s (%s), TFTP from %s",
                  self.proc.pid, self.interface, address, self.tftp_root)
 
+    def stop_leftovers(self) -> None:
+        """Stop a dnsmasq a killed PXE process left running on our hosts file: it
+        would hold the ports. (It cannot die with its parent: dropping root
+        clears PR_SET_PDEATHSIG; ``dsagent run`` also stops orphans it adopts.)"""
+        import psutil
+
+        ours = f"--dhcp-hostsfile={self.hosts_file}"
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if proc.info["name"] == "dnsmasq" and ours in (proc.info["cmdline"] or ()):
+                log.warning("stopping dnsmasq pid %d, left running by an earlier PXE process",
+                            proc.pid)
+                try:
+                    proc.terminate()
+                    proc.wait(STOP_WITHIN_S)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
     def _copy_log(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
         for raw in proc.stderr:
             # "dnsmasq-dhcp[812]: PXE(br0) ..." -> "dhcp: PXE(br0) ..."
             line = PREFIX_RE.sub(lambda m: f"{m.group(1) or 'dnsmasq'}: ",
                                  raw.decode("utf-8", "replace").rstrip(), count=1)
-            self.last_lines.append(line)
             if line.startswith("dnsmasq: started, version"):
                 self._started.set()
             # "cannot read <hosts>": it then answers nobody, though it runs
@@ -159,6 +178,8 @@ class Dnsmasq:
                 level = logging.DEBUG
             else:
                 level = logging.INFO
+            if level > logging.DEBUG:
+                self.last_lines.append(line)   # quoted if it dies: not its option dumps
             engine_log.log(level, "%s", line)
 
     def reload(self) -> None:
