@@ -156,6 +156,17 @@ def test_a_site_server_starts_after_its_startup_answer_and_follows_the_console(s
     wait_until(lambda: chain.server.pxe_servers()[0]["state"]["serving"], 15,
                "the task server to hear that PXE is served again")
 
+    # dnsmasq dies while the task server is down: the saved state is served
+    with lab.inside():
+        chain.stop_server()
+    os.kill(facts["dnsmasq_pid"], signal.SIGKILL)
+    facts = wait_until(lambda: (f := site.serving()) and f["dnsmasq_pid"] != pid
+                       and f["restarts"] == 2 and f, 30, "dnsmasq restarted on the saved state")
+    assert "(serving the state applied" in site.log()
+    assert site.answered(AUTO)
+    with lab.inside():
+        chain.start_server(port)
+
     # the PXE process itself killed: dsagent run restarts it, and the new one
     # stops the dnsmasq it left (which would hold the ports) before its own
     pxe, orphan = chain.child("pxe"), facts["dnsmasq_pid"]
