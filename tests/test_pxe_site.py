@@ -23,6 +23,7 @@ import pxelab
 from conftest import wait_until
 from agent.common.statusfile import read_all
 from agent.pxe.probe import discover
+from agent.pxe.service import run_dir_for
 from taskserver.loopback import LoopbackChain
 from taskserver.pxe import PXEStore
 
@@ -124,6 +125,14 @@ def test_a_site_server_starts_after_its_startup_answer_and_follows_the_console(s
                ["site-1"]["state"] and s["site-1"]["state"]["serving"], 15,
                "the task server to hear that PXE is served")
     assert "site-1" in servers
+
+    # dnsmasq runs on its own config file only, which dnsmasq itself finds sound
+    conf = run_dir_for(chain.workdir / "state") / "dnsmasq.conf"
+    assert psutil.Process(pid).cmdline()[1:] == ["--keep-in-foreground", f"--conf-file={conf}"]
+    assert "interface=br0" in conf.read_text().splitlines()
+    check = subprocess.run(["dnsmasq", "--test", f"--conf-file={conf}"], capture_output=True,
+                           text=True)
+    assert "syntax check OK" in check.stdout + check.stderr
 
     # the answers: automation and production are answered, ignore and unknown not
     offer = site.offers(AUTO)[0]

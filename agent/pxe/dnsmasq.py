@@ -3,9 +3,10 @@
 dnsmasq (Debian's dnsmasq-base) answers as a *proxy* DHCP server beside the
 site's own DHCP server (``dhcp-range=<net>,proxy``: it hands out no
 addresses), serves TFTP from ``tftp_root``, and runs no DNS (``port=0``). It
-reads only the command line built here (``--conf-file=/dev/null``: never
-``/etc/dnsmasq.conf``) and the hosts file BootFiles renders, re-read on
-SIGHUP, so a decision changes with the same process.
+reads only its own config file, written here at each start beside the hosts
+file (``--conf-file``: never ``/etc/dnsmasq.conf``), and the hosts file
+BootFiles renders, re-read on SIGHUP, so a decision changes with the same
+process.
 
 It runs in the foreground as our child (pxe-lab.md: orphans are not reaped on
 these machines), logging to its stderr, which a thread copies into the
@@ -91,6 +92,18 @@ def command_line(binary: str, interface: str, address: ipaddress.IPv4Interface,
     ]
 
 
+def write_conf(path: Path, options: list[str]) -> None:
+    """The options as dnsmasq's own config file: one per line, what support reads
+    (and checks with ``dnsmasq --test --conf-file=…``) to see what runs."""
+    lines = [o[2:] for o in options if o not in ("--keep-in-foreground", "--conf-file=/dev/null")]
+    text = ("# written by the dsagent PXE process (agent/pxe/dnsmasq.py) at each start;\n"
+            "# dnsmasq reads this file only, never /etc/dnsmasq.conf\n" + "\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 class Dnsmasq:
     """Start, reload, watch and stop one dnsmasq child."""
 
@@ -98,6 +111,7 @@ class Dnsmasq:
         self.interface = interface
         self.tftp_root = Path(tftp_root)
         self.hosts_file = Path(hosts_file)
+        self.conf_file = self.hosts_file.with_name("dnsmasq.conf")
         self.proc: subprocess.Popen | None = None
         self.last_lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
         self._started = threading.Event()
@@ -118,8 +132,10 @@ class Dnsmasq:
         if address is None:
             raise EngineError(f"interface {self.interface} has no IPv4 address (or does not "
                               "exist): dnsmasq cannot answer PXE there")
-        argv = command_line(find_dnsmasq(), self.interface, address, self.tftp_root,
-                            self.hosts_file)
+        options = command_line(find_dnsmasq(), self.interface, address, self.tftp_root,
+                               self.hosts_file)
+        argv = [options[0], "--keep-in-foreground", f"--conf-file={self.conf_file}"]
+        write_conf(self.conf_file, options[1:])
         self.stop_leftovers()
         self.last_lines.clear()
         self._started.clear()
