@@ -18,6 +18,9 @@ Endpoints::
                                               "images", "last_applied", "at"} (§7), stored
                                               with the time received; registers it too
 
+With ``image_store=DIR``, ``/images/`` serves and takes an image store
+(GET/HEAD with Range, atomic PUT): taskserver/imagestore.py.
+
 All but register need ``Authorization: Bearer <token>`` (else 401). Errors are
 JSON ``{"error": "..."}``: 400 bad JSON or a bad field (named), 403
 registration refused, 404 unknown path, 405 wrong method, 411 no
@@ -51,6 +54,7 @@ from agent.common.errors import DsagentError
 from agent.common.taskxml import render_client_tasks
 from agent.common.tickle import send_tickle
 
+from taskserver.imagestore import ImageStoreHTTP
 from taskserver.pxe import PXEStore
 from taskserver.store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
 
@@ -281,6 +285,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         app = self.server.app
         try:
+            if app.images is not None and app.images.handles(self.path):
+                app.images.serve(self)      # its own bodies: streamed, chunked, any size
+                return
             body = self._read_body()
             if body is None:
                 return
@@ -358,13 +365,16 @@ class TaskServer:
     """The §3 HTTP API over a TaskStore, served from a background thread.
 
     ``port=0`` picks a free port; ``.port`` and ``.url`` tell which.
-    ``enrollment_key=None`` disables registration (403).
+    ``enrollment_key=None`` disables registration (403). ``image_store=DIR``
+    serves DIR as an image store under ``/images/`` (``.images``: ImageStoreHTTP).
     """
 
     def __init__(self, store: TaskStore, host: str = "127.0.0.1", port: int = 0,
                  enrollment_key: str | None = None, poll_interval_s: int = 300,
-                 *, verbose: bool = False, max_body: int = MAX_BODY):
+                 *, verbose: bool = False, max_body: int = MAX_BODY,
+                 image_store: str | None = None):
         self.store = store
+        self.images = ImageStoreHTTP(image_store, store) if image_store else None
         self.pxe = PXEStore(store)
         self.host = host
         self.port = port

@@ -1,10 +1,13 @@
 """``dsagent-server`` (also ``python -m taskserver``): run and drive the reference task server.
 
     dsagent-server serve   --db FILE --listen HOST:PORT [--enrollment-key K] [--poll-interval S]
+                           [--image-store DIR] [--allow-unknown-computers]
     dsagent-server enroll  --db FILE --client-id ID [--tickle HOST:PORT]
                            [--agent-config FILE --server-url URL --state-dir DIR [--set SECTION.KEY=VALUE ...]]
-    dsagent-server queue   --db FILE --client ID (FILE.xml | --type T [--param NAME=VALUE ...]
-                           [--param-file NAME=PATH ...] [--timeout S]) [--tickle]
+    dsagent-server queue   --db FILE --client ID [--client ID ...] (FILE.xml | --type T
+                           [--param NAME=VALUE ...] [--param-file NAME=PATH ...] [--timeout S])
+                           [--tickle]          # --param values may hold tokens: tokens.py
+    dsagent-server deploy  --db FILE --mac MAC --image I [--target DEV] [--config C] [--no-wait]
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
@@ -47,7 +50,9 @@ from agent.common.config import SCHEMA as AGENT_SCHEMA, check_config, render_con
 from agent.common.errors import DsagentError
 
 from taskserver.app import TaskServer, tickle_client
+from taskserver.deploy import add_commands as add_deploy_commands
 from taskserver.pxecli import add_pxe_commands
+from taskserver.tokens import expand, facts_of
 from taskserver.store import TERMINAL_STATES, TaskStore, parse_hostport
 
 PROG = "dsagent-server"
@@ -168,8 +173,12 @@ def format_history(history: list[dict], show_client: bool) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     host, port = _hostport(args.listen, "--listen", allow_zero=True)
     store = TaskStore(args.db)
+    store.allow_unknown_computers = args.allow_unknown_computers   # §8, taskserver/automation.py
+    if args.image_store and not Path(args.image_store).is_dir():
+        raise CliError(f"--image-store {args.image_store}: not a folder")
     server = TaskServer(store, host, port, enrollment_key=args.enrollment_key,
-                        poll_interval_s=args.poll_interval, verbose=args.verbose)
+                        poll_interval_s=args.poll_interval, verbose=args.verbose,
+                        image_store=args.image_store)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -244,26 +253,32 @@ def cmd_queue(args: argparse.Namespace) -> int:
         raise CliError("give either a task document FILE.xml or --type (not both)")
     if args.file and (args.param or args.param_file or args.timeout is not None):
         raise CliError("--param, --param-file and --timeout go with --type, not a FILE.xml")
+    clients = list(dict.fromkeys(args.client))
     with TaskStore(args.db) as store:
         if args.file:
             try:
                 document = Path(args.file).read_bytes()
             except OSError as exc:
                 raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
-            ids = store.queue_xml(args.client, document)
+            queued = [(client, i) for client in clients for i in store.queue_xml(client, document)]
         else:
-            ids = [store.queue_task(args.client, args.type, _params(args), args.timeout)]
-        for task_id in ids:
-            print(task_id)
+            params = _params(args)
+            # every computer's tokens first: one unknown token queues nothing
+            each = {client: expand(params, facts_of(store.client(client), client), client)
+                    for client in clients}
+            queued = [(client, store.queue_task(client, args.type, each[client], args.timeout))
+                      for client in clients]
+        for client, task_id in queued:
+            print(task_id if len(clients) == 1 else f"{client}\t{task_id}")
         sys.stdout.flush()
-        if args.tickle:
+        for client in clients if args.tickle else ():
             try:
-                answer = tickle_client(store, args.client)
+                answer = tickle_client(store, client)
             except DsagentError as exc:
                 print(f"{PROG}: warning: {exc}; the agent will pull on its next poll",
                       file=sys.stderr)
             else:
-                print(f"{PROG}: tickle answered {answer}", file=sys.stderr)
+                print(f"{PROG}: tickle {client} answered {answer}", file=sys.stderr)
     return 0
 
 
@@ -351,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key agents present to register (without it registration is refused)")
     p.add_argument("--poll-interval", type=int, default=300, metavar="S",
                    help="poll interval handed to registering agents (default %(default)s)")
+    p.add_argument("--allow-unknown-computers", action="store_true",
+                   help="let a computer on neither PXE list register in automation mode "
+                        "(named by its MAC; default: refused with 403)")
+    p.add_argument("--image-store", metavar="DIR",
+                   help="serve DIR as an image store under /images/ (GET with Range; PUT "
+                        "with an enrolled client's ID:TOKEN as Basic auth)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
@@ -365,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra agent config setting, e.g. objecthost.listen=127.0.0.1:50122")
     p.set_defaults(func=cmd_enroll)
 
-    p = command("queue", "queue tasks for a client and print their ids")
-    p.add_argument("--client", required=True, metavar="ID")
+    p = command("queue", "queue tasks for one or more clients and print their ids")
+    p.add_argument("--client", required=True, action="append", metavar="ID",
+                   help="repeat for several: --param values may hold tokens (%%COMPNAME%%, "
+                        "%%ID%%, %%MAC%%, %%SERIALNUMBER%%, %%IMAGE%%) replaced per client")
     p.add_argument("file", nargs="?", metavar="FILE.xml",
                    help="a <ClientTasks> document (or bare <Task> elements)")
     p.add_argument("--type", metavar="T", help="task type of a single task")
@@ -400,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clients)
 
     add_pxe_commands(sub)
+    add_deploy_commands(sub, command)
     return parser
 
 

@@ -230,8 +230,12 @@ class PXEStore:
             raise InvalidRequest(f"confirm_s must be 0-3600 seconds, got {confirm_s!r}")
         self.store = store
         self.confirm_s = confirm_s
-        with store._write() as conn:
-            ensure_schema(conn)
+        with store._lock:   # also made inside a TaskStore transaction (taskserver/automation.py)
+            if store._conn.in_transaction:
+                ensure_schema(store._conn)
+            else:
+                with store._write() as conn:
+                    ensure_schema(conn)
 
     # ---- reading -----------------------------------------------------------------
     def _reading(self, read: Callable[[Any], Any]) -> Any:
@@ -360,30 +364,36 @@ class PXEStore:
             wanted[c.mac] = c
         if not wanted:
             raise InvalidRequest("no computer to add")
-        now = utc_now()
         with self.store._write() as conn:
-            lists = dict(conn.execute("SELECT mac, list FROM pxe_computers").fetchall())
-            owners = self._client_macs(conn)
-            touched = {MANAGED: [], PREDEFINED: []}
-            left_predefined = False
-            for c in wanted.values():
-                target = (MANAGED if managed or lists.get(c.mac) == MANAGED or c.mac in owners
-                          else PREDEFINED)
-                left_predefined |= lists.get(c.mac) == PREDEFINED and target == MANAGED
-                name = (c.name or owners.get(c.mac)) if target == MANAGED else c.name
-                c = Computer(c.mac, c.action, name, c.config, target)
-                conn.execute("INSERT OR REPLACE INTO pxe_computers VALUES (?,?,?,?,?,?)",
-                             (c.mac, c.list, c.name, c.action, c.config, now))
-                touched[target].append(c)
-            files = []
-            if touched[PREDEFINED] or left_predefined:
-                files.append(("predefined", computers_xml(self._list(conn, PREDEFINED))))
-            if len(touched[MANAGED]) == 1:
-                files.append(("update", update_xml(computer_xml(touched[MANAGED][0]))))
-            elif touched[MANAGED]:
-                files.append(("clients", computers_xml(self._list(conn, MANAGED))))
-            parts = [f"{len(touched[w])} {w}" for w in LISTS if touched[w]]
-            return self._fan_out(conn, f"computers set: {', '.join(parts)}", files)
+            return self._add(conn, wanted, managed)
+
+    def _add(self, conn, wanted: Mapping[str, Computer], managed: bool,
+             summary: str | None = None) -> Sent:
+        """add_computers in ``conn``'s transaction (checked computers by MAC); also
+        taskserver/automation.py's (registration, Reboot)."""
+        now = utc_now()
+        lists = dict(conn.execute("SELECT mac, list FROM pxe_computers").fetchall())
+        owners = self._client_macs(conn)
+        touched = {MANAGED: [], PREDEFINED: []}
+        left_predefined = False
+        for c in wanted.values():
+            target = (MANAGED if managed or lists.get(c.mac) == MANAGED or c.mac in owners
+                      else PREDEFINED)
+            left_predefined |= lists.get(c.mac) == PREDEFINED and target == MANAGED
+            name = (c.name or owners.get(c.mac)) if target == MANAGED else c.name
+            c = Computer(c.mac, c.action, name, c.config, target)
+            conn.execute("INSERT OR REPLACE INTO pxe_computers VALUES (?,?,?,?,?,?)",
+                         (c.mac, c.list, c.name, c.action, c.config, now))
+            touched[target].append(c)
+        files = []
+        if touched[PREDEFINED] or left_predefined:
+            files.append(("predefined", computers_xml(self._list(conn, PREDEFINED))))
+        if len(touched[MANAGED]) == 1:
+            files.append(("update", update_xml(computer_xml(touched[MANAGED][0]))))
+        elif touched[MANAGED]:
+            files.append(("clients", computers_xml(self._list(conn, MANAGED))))
+        parts = [f"{len(touched[w])} {w}" for w in LISTS if touched[w]]
+        return self._fan_out(conn, summary or f"computers set: {', '.join(parts)}", files)
 
     def add_computer(self, mac: str, action: str, name: str | None = None,
                      config: str | None = None, managed: bool = False) -> Sent:

@@ -10,7 +10,7 @@ Tables::
     events    event_id (PK), task_id, seq, state, progress, message,
               details (JSON), at, received_at
     request_counts  client_id, endpoint, count, last_at
-    pxe_*     the NS side of the PXE site server: taskserver/pxe.py
+    pxe_*     the NS side of the PXE site server: taskserver/pxe.py (automation: automation.py)
 
 One connection per store, shared by all threads under a lock, in WAL mode, so
 a CLI process (``dsagent-server queue``) can write while a server process
@@ -294,23 +294,22 @@ class TaskStore:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"bad synchronous mode {synchronous!r}")
         self.db_path = str(db_path)
+        self.allow_unknown_computers = False   # §8: let unknown computers register (automation)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._conn = sqlite3.connect(self.db_path, isolation_level=None,
                                      check_same_thread=False, timeout=10.0)
         self._conn.row_factory = sqlite3.Row
         with self._lock:
-            self._conn.execute("PRAGMA busy_timeout = 10000")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-            self._conn.execute("PRAGMA foreign_keys = ON")
+            for pragma in ("busy_timeout = 10000", "journal_mode = WAL",
+                           f"synchronous = {synchronous.upper()}", "foreign_keys = ON"):
+                self._conn.execute(f"PRAGMA {pragma}")
             with self._write() as conn:
                 for statement in filter(str.strip, SCHEMA.split(";")):
                     conn.execute(statement)
                 conn.execute("PRAGMA user_version = 1")
 
     # -- plumbing -----------------------------------------------------------
-
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT) under the lock."""
@@ -339,11 +338,9 @@ class TaskStore:
         self.close()
 
     # -- clients ------------------------------------------------------------
-
     def _insert_client(self, conn, client_id: str, *, tickle_addr=None, name=None, uuid_=None,
                        macs=(), ips=(), os_=None, agent_version=None) -> dict:
-        token = secrets.token_urlsafe(32)
-        tickle_key = secrets.token_hex(32)
+        token, tickle_key = secrets.token_urlsafe(32), secrets.token_hex(32)
         conn.execute(
             "INSERT INTO clients (client_id, token, tickle_key, name, uuid, macs, ips, os,"
             " agent_version, tickle_addr, registered_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -372,6 +369,9 @@ class TaskStore:
         """
         if not isinstance(request_json, dict):
             raise InvalidRequest("register request must be a JSON object")
+        if request_json.get("mode") not in (None, "managed"):   # §8: taskserver/automation.py
+            from taskserver.automation import register  # it imports this module
+            return register(self, request_json)
         if not enrollment_key:
             raise RegistrationRefused(
                 "registration is disabled (the server was started without an enrollment key)")
@@ -442,7 +442,6 @@ class TaskStore:
                                                    expected.encode("utf-8"))
 
     # -- request counters ---------------------------------------------------
-
     def count_request(self, client_id: str, endpoint: str) -> None:
         """Count one request of a known client to ``endpoint`` (register/tasks/status)."""
         with self._write() as conn:
@@ -460,21 +459,20 @@ class TaskStore:
         return counts
 
     def reset_request_counts(self, client_id: str | None = None) -> None:
+        where, args = ("", ()) if client_id is None else (" WHERE client_id = ?", (client_id,))
         with self._write() as conn:
-            if client_id is None:
-                conn.execute("DELETE FROM request_counts")
-            else:
-                conn.execute("DELETE FROM request_counts WHERE client_id = ?", (client_id,))
+            conn.execute("DELETE FROM request_counts" + where, args)
 
     # -- tasks --------------------------------------------------------------
-
     def _insert_tasks(self, client_id: str, tasks: list[tuple], conn=None) -> list[str]:
         """Queue checked tasks (all or none), in ``conn``'s transaction if given (pxe.py)."""
         if conn is None:
             with self._write() as conn:
                 return self._insert_tasks(client_id, tasks, conn)
         if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone():
-            raise UnknownClient(f"unknown client {client_id!r}")
+            from taskserver.automation import placeholder_client  # a listed computer's id?
+            if not placeholder_client(self, conn, client_id):
+                raise UnknownClient(f"unknown client {client_id!r}")
         now, ids = utc_now(), []
         for type_, params, timeout, task_id in tasks:
             try:
@@ -523,13 +521,12 @@ class TaskStore:
         return self._task_dict(rows[0]) if rows else None
 
     # -- status events ------------------------------------------------------
-
     def record_events(self, client_id: str, events: Iterable[Any]) -> list[str]:
         """Store a §3 status batch from ``client_id``; return the accepted event ids."""
         if not isinstance(events, list):
             raise InvalidRequest("events must be a JSON array")
         accepted: list[str] = []
-        now = utc_now()
+        now, tickle = utc_now(), []     # PXE servers told of a Reboot (taskserver/automation.py)
         with self._write() as conn:
             for index, event in enumerate(events):
                 problem = _event_problem(event)
@@ -560,16 +557,18 @@ class TaskStore:
                         log.warning("status from %s: event_id %s resent with other content "
                                     "(stored: task %s seq %s %s); keeping the stored one",
                                     client_id, event["event_id"], *tuple(stored))
-                elif event["state"] in TERMINAL_STATES:
-                    first = conn.execute("UPDATE tasks SET terminal_state = ? WHERE task_id = ? "
-                                         "AND terminal_state IS NULL",
-                                         (event["state"], event["task_id"])).rowcount
-                    if first and event["state"] == "succeeded" and row["type"] == "BootWizRebuild":
-                        from taskserver.pxe import record_rebuilt_image  # pxe imports this module
-                        record_rebuilt_image(conn, json.loads(row["params"]), details)
+                else:
+                    first = event["state"] in TERMINAL_STATES and conn.execute(
+                        "UPDATE tasks SET terminal_state = ? WHERE task_id = ? AND terminal_state "
+                        "IS NULL", (event["state"], event["task_id"])).rowcount
+                    from taskserver.automation import event_stored  # images, Reboot -> PXE
+                    tickle += event_stored(self, conn, client_id, row, event, bool(first))
                 if event["event_id"] not in accepted:
                     accepted.append(event["event_id"])
             self._changed.notify_all()
+        if tickle:
+            from taskserver.automation import tickle_pxe_servers
+            tickle_pxe_servers(self, tickle)
         return accepted
 
     @staticmethod

@@ -18,8 +18,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("agent", "handlers", "objecthost", "ctdataloader", "taskserver")
-HANDLER_PACKAGES = ("handlers.runscript", "handlers.sbs", "handlers.imaging", "handlers.bootwiz")
-THIRD_PARTY = ("pluggy", "httpx", "xmltodict", "psutil", "apscheduler", "zstandard")
+HANDLER_PACKAGES = ("handlers.runscript", "handlers.sbs", "handlers.imaging", "handlers.bootwiz",
+                    "handlers.reboot")
+THIRD_PARTY = ("pluggy", "httpx", "xmltodict", "psutil", "apscheduler", "zstandard",
+               "inotify_simple")
 
 
 def module_name(path: Path) -> str:

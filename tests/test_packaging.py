@@ -24,7 +24,7 @@ from packaged import FAKE_BIN, PATH, PYTHONS, ROOT, VERSION, Root, needs_dpkg, o
 
 UNITS = ROOT / "packaging" / "systemd"
 BUILTIN_TYPES = ("BootWizRebuild", "CreateBackupImage", "CreateImage", "DeployImage",
-                 "RestoreBackupImage", "RunScript", "UpdateSBSInfo")
+                 "Reboot", "RestoreBackupImage", "RunScript", "UpdateSBSInfo")
 
 
 # -- systemd units -------------------------------------------------------------

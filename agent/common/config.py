@@ -6,6 +6,12 @@ silently ignored on a machine nobody watches.
 
 Extensions to §6 (documented in docs/config.md):
 - ``[agent] enrollment_key``: needed to register when there is no token yet.
+- ``[agent] mode``: ``managed`` (default) or ``automation`` (PROTOCOL.md §8: an
+  automation environment registers at every start, with ``"mode":
+  "automation"``; it may hold no client_id/token/tickle_key).
+- ``[agent] reboot_command``: what a Reboot task runs once every status has
+  reached the server (a list: program and arguments); default
+  ``["systemctl", "reboot"]``, in automation mode ``["reboot", "-f"]``.
 - ``[handlers] run_script``: §4 names it (false disables RunScript).
 - ``[handlers] sbs_wake_command``: run after an SBS file is written, to wake
   the PXE Interface service (the seed's Windows event); unset: nothing runs.
@@ -42,7 +48,8 @@ DEFAULT_CONFIG_PATH = "/etc/dsagent/agent.toml"   # where the Debian package put
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "agent": {"server_url": (str, REQUIRED), "state_dir": (str, REQUIRED),
               "client_id": (str, None), "token": (str, None),
-              "tickle_key": (str, None), "enrollment_key": (str, None)},
+              "tickle_key": (str, None), "enrollment_key": (str, None),
+              "mode": (str, "managed"), "reboot_command": (list, None)},
     "objecthost": {"listen": (str, "0.0.0.0:50122")},
     "cta": {"listen": (str, "127.0.0.1:50124"), "poll_interval_s": (int, 300),
             "max_concurrent_tasks": (int, 2)},
@@ -252,6 +259,7 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"{where}: [logging] max_bytes must be >= 0 and backups 0..100")
     if config.get("trace", "listen"):
         parse_hostport(config.get("trace", "listen"), f"{where}: [trace] listen")
+    _check_agent(config)
     key = config.get("agent", "tickle_key")
     if key is not None:
         try:
@@ -263,6 +271,33 @@ def _check_values(config: Config) -> None:
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
+
+
+AGENT_MODES = ("managed", "automation")
+REBOOT_COMMANDS = {"managed": ["systemctl", "reboot"], "automation": ["reboot", "-f"]}
+
+
+def _check_agent(config: Config) -> None:
+    """``[agent] mode`` and ``reboot_command`` (extensions of §6, docs/automation.md)."""
+    where, mode = config.path, config.get("agent", "mode")
+    if mode not in AGENT_MODES:
+        raise ConfigError(f"{where}: [agent] mode must be \"managed\" or \"automation\", "
+                          f"got {mode!r}")
+    static = [k for k in ("client_id", "token", "tickle_key") if config.get("agent", k)]
+    if mode == "automation" and static:
+        raise ConfigError(f"{where}: [agent] mode = \"automation\" registers at every start "
+                          f"and gets its identity from the task server; remove {', '.join(static)}")
+    command = config.get("agent", "reboot_command")
+    if command is not None and (not command or not all(
+            isinstance(part, str) and part and "\0" not in part for part in command)):
+        raise ConfigError(f"{where}: [agent] reboot_command must be a list of strings, the "
+                          "program first, e.g. [\"systemctl\", \"reboot\"]")
+
+
+def reboot_command(config: Config) -> list[str]:
+    """``[agent] reboot_command``, else the default of the agent's mode."""
+    return list(config.get("agent", "reboot_command")
+                or REBOOT_COMMANDS[config.get("agent", "mode")])
 
 
 IFNAME_FORBIDDEN = re.compile(r"[/:\s]")

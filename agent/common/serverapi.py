@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import platform
 import socket
 import ssl
@@ -27,6 +28,11 @@ from agent.common.errors import AuthError, ServerError
 log = logging.getLogger("dsagent.server")
 
 MAX_JSON_BYTES = 1024 * 1024
+SYS_CLASS_NET = "/sys/class/net"
+PRODUCT_UUID = "/sys/class/dmi/id/product_uuid"     # SMBIOS system uuid; readable by root
+BOGUS_UUIDS = {"00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
+               "03000200-0400-0500-0006-000700080009"}   # firmware placeholders, not unique
+IFF_LOOPBACK = 0x8
 MAX_PXE_STARTUP_BYTES = 64 * 1024 * 1024   # whole computer lists: ~100 bytes a computer
 PXE_STARTUP_KINDS = ("initial-config", "clients", "images", "predefined")
 
@@ -58,6 +64,15 @@ def failure_kind(exc: BaseException) -> str:
     if any(isinstance(e, (httpx.ConnectError, httpx.NetworkError, OSError)) for e in chain):
         return "unreachable"
     return "answer"
+
+
+class RegistrationRefused(AuthError):
+    """POST register answered 401/403; ``reason`` is the server's own words (its
+    ``{"error": ...}``), ``status`` the HTTP status."""
+
+    def __init__(self, message: str, reason: str, status: int):
+        super().__init__(message)
+        self.reason, self.status = reason, status
 
 
 class ServerAPI:
@@ -92,7 +107,8 @@ class ServerAPI:
     def _path(self, tail: str) -> str:
         return f"/api/v1/clients/{quote(self.client_id or '', safe='')}/{tail}"
 
-    def _request(self, method: str, path: str, limit: int, **kwargs) -> tuple[httpx.Response, bytes]:
+    def _request(self, method: str, path: str, limit: int, refusal: bool = False,
+                 **kwargs) -> tuple[httpx.Response, bytes]:
         where = f"{method} {self.server_url}{path}"
         deadline = time.monotonic() + self.deadline
         try:
@@ -115,6 +131,9 @@ class ServerAPI:
         except httpx.HTTPError as exc:
             raise ServerError(f"{where}: {type(exc).__name__}: {exc}") from None
         status = response.status_code
+        if status in (401, 403) and refusal:
+            reason = _error_text(body) or f"HTTP {status}"
+            raise RegistrationRefused(f"{where}: refused (HTTP {status}): {reason}", reason, status)
         if status in (401, 403):
             raise AuthError(f"{where}: server refused our credentials (HTTP {status})")
         if 300 <= status < 400:
@@ -167,18 +186,30 @@ class ServerAPI:
         self._request("POST", self._path("pxe/state"), MAX_JSON_BYTES, headers=self._auth(),
                       json=state)
 
-    def register(self, enrollment_key: str | None, name: str | None = None) -> dict[str, Any]:
-        """POST /api/v1/register; return client_id, token, tickle_key, poll_interval_s."""
+    def register(self, enrollment_key: str | None, name: str | None = None, *,
+                 mode: str | None = None, tickle_addr: str | None = None) -> dict[str, Any]:
+        """POST /api/v1/register; return client_id, token, tickle_key, poll_interval_s.
+
+        Sends every MAC of the machine (``machine_macs``) and its SMBIOS uuid
+        (``machine_uuid``); ``mode="automation"`` (§8) and ``tickle_addr`` (where
+        the objecthost can be reached, an extension) are added when given. A
+        401/403 raises RegistrationRefused carrying the server's reason.
+        """
         request = {
             "name": name or socket.gethostname(),
-            "uuid": str(uuid.UUID(int=uuid.getnode())),
-            "macs": [":".join(f"{(uuid.getnode() >> s) & 0xff:02x}" for s in range(40, -1, -8))],
+            "uuid": machine_uuid(),
+            "macs": machine_macs(),
             "ips": _local_ips(),
             "os": f"{platform.system()} {platform.release()}",
             "agent_version": __version__,
             "enrollment_key": enrollment_key or "",
         }
-        _, body = self._request("POST", "/api/v1/register", MAX_JSON_BYTES, json=request)
+        if mode:
+            request["mode"] = mode
+        if tickle_addr:
+            request["tickle_addr"] = tickle_addr
+        _, body = self._request("POST", "/api/v1/register", MAX_JSON_BYTES, refusal=True,
+                                json=request)
         try:
             answer = json.loads(body)
             for key in ("client_id", "token", "tickle_key"):
@@ -188,6 +219,61 @@ class ServerAPI:
         except (ValueError, KeyError, TypeError) as exc:
             raise ServerError(f"register: unusable answer ({exc})") from None
         return answer
+
+
+def _error_text(body: bytes) -> str:
+    """The ``error`` of a JSON error body (one line, at most 300 characters), or ""."""
+    try:
+        text = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        text = None
+    return " ".join(text.split())[:300] if isinstance(text, str) else ""
+
+
+def machine_macs(sys_class_net: str = SYS_CLASS_NET) -> list[str]:
+    """Every MAC of this machine, lowercase with ':': each interface but loopback
+    (physical ones first, then by name; an all-zero or repeated address is left
+    out). Where sysfs shows none, the MAC ``uuid.getnode()`` finds, if it is real."""
+    found: list[tuple[bool, str, str]] = []
+    try:
+        names = sorted(os.listdir(sys_class_net))
+    except OSError:
+        names = []
+    for name in names:
+        base = os.path.join(sys_class_net, name)
+        try:
+            with open(os.path.join(base, "address")) as fh:
+                mac = fh.read().strip().lower()
+            with open(os.path.join(base, "flags")) as fh:
+                flags = int(fh.read().strip(), 16)
+        except (OSError, ValueError):
+            continue
+        parts = mac.split(":")
+        if (flags & IFF_LOOPBACK or len(parts) != 6 or mac == "00:00:00:00:00:00"
+                or not all(len(p) == 2 for p in parts)):
+            continue
+        found.append((not os.path.exists(os.path.join(base, "device")), name, mac))
+    macs = list(dict.fromkeys(mac for _, _, mac in sorted(found)))
+    node = uuid.getnode()
+    if not macs and not (node >> 40) & 1:   # the multicast bit: getnode made a random one up
+        macs = [":".join(f"{(node >> s) & 0xff:02x}" for s in range(40, -1, -8))]
+    return macs
+
+
+def machine_uuid(path: str = PRODUCT_UUID) -> str:
+    """The SMBIOS system uuid, lowercase (root may read it). Unreadable, missing or
+    a firmware placeholder: a uuid made from the MAC ``uuid.getnode()`` finds, as
+    before (it identifies nothing the MACs do not; the server never matches it
+    to another machine)."""
+    try:
+        with open(path) as fh:
+            value = str(uuid.UUID(fh.read().strip()))
+        if value not in BOGUS_UUIDS:
+            return value
+        log.debug("%s holds the placeholder %s; not used", path, value)
+    except (OSError, ValueError) as exc:
+        log.debug("no SMBIOS uuid from %s (%s)", path, exc)
+    return str(uuid.UUID(int=uuid.getnode()))
 
 
 def _local_ips() -> list[str]:

@@ -12,6 +12,8 @@ poll timer, pulls the pending tasks, records each new one durably as
 - serve() = startup -> main loop -> shutdown (signals in the main thread);
   shutdown stops pulling and drains running tasks, cancelling what is left
   after the grace period.
+- Once a Reboot task's ``succeeded`` is committed, the CTA starts no new task
+  and writes the reboot request ``dsagent run`` acts on (agent/cta/reboot.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from agent.common.logsetup import task_context
 from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier
+from agent.cta import reboot
 from agent.cta.runner import execute
 from agent.common.serverapi import ServerAPI, is_loopback_host
 from agent.common.statedb import db_path
@@ -300,15 +303,37 @@ class CTA:
         future = self.executor.submit(execute, task, self.pool, self.recorder,
                                       self.config.handlers, self.draining, self.stopping)
         self.running[task.id] = future
-        future.add_done_callback(lambda f, tid=task.id: self._done(f, tid))
+        future.add_done_callback(lambda f, t=task: self._done(f, t))
 
-    def _done(self, future, task_id: str) -> None:
+    def _done(self, future, task: Task) -> None:
+        task_id = task.id
         self.running.pop(task_id, None)
-        if future.cancelled() or future.exception() is None:
+        if future.cancelled():
+            return
+        if future.exception() is None:
+            if task.type == reboot.TASK_TYPE and future.result() == "succeeded":
+                self._request_reboot(task)
             return
         with task_context(task_id):  # never silent: the task may be stuck until a restart
             log.error("task %s: unexpected error; the task stays as recorded until the "
                       "agent restarts", task_id, exc_info=future.exception())
+
+    def _request_reboot(self, task: Task) -> None:
+        """A Reboot succeeded (its event committed): no new task starts, and the
+        supervisor is asked to restart the machine once every status is accepted."""
+        self.draining.set()
+        to = task.parameters.get("to", "")
+        with task_context(task.id):
+            try:
+                path = reboot.write_request(self.config.state_dir, task.id, to)
+            except (OSError, ValueError) as exc:
+                log.error("task %s: cannot ask for the reboot to %s: %s; the machine is not "
+                          "restarted", task.id, to, exc)
+                return
+            log.info("reboot to %s requested by task %s (%s): no new task starts; dsagent run "
+                     "restarts the machine once every status has reached the server",
+                     to, task.id, path)
+        self.notifier.notify()
 
     # ---- shutdown --------------------------------------------------------
     def shutdown(self) -> None:

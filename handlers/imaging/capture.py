@@ -8,17 +8,14 @@ pool of 2 single-threaded level-1 compressors on 4 MiB frames runs ~1.9x one
 thread, where zstd's own threads=2 per frame gives ~1.3x.
 
 The version's metadata is written last and only then does the image's
-``current`` switch to it (store.py): a capture killed at any point leaves
-nothing that looks usable.
+``current`` switch to it (store.py; over HTTP the same order of PUTs,
+httpstore.py): a capture killed at any point leaves nothing that looks usable.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import json
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -31,8 +28,7 @@ import zstandard
 from agent import __version__
 from agent.plugin import Progress
 from handlers.imaging.source import Plan, check_disk_path, in_use, plan_source
-from handlers.shared.durable import fsync_dir, write_atomic
-from handlers.imaging.store import FORMAT, Chunk, ImageError, ImageStore, IndexWriter
+from handlers.imaging.store import FORMAT, Chunk, ImageError, IndexWriter
 
 FRAME_BYTES = 4 * 1024 * 1024     # raw bytes per compressed frame
 IN_FLIGHT = 4                     # frames being compressed at once (bounds memory)
@@ -122,36 +118,31 @@ def _pread(fd: int, n: int, pos: int) -> bytes:
     return buf
 
 
-def capture(source: str, store: ImageStore, name: str, kind: str,
+def capture(source: str, store, name: str, kind: str,
             report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False
             ) -> dict:
-    """Capture ``source`` as image ``name`` of ``kind``; return the task details."""
+    """Capture ``source`` as image ``name`` of ``kind`` into ``store`` (a local
+    ImageStore or an HttpImageStore); return the task details."""
     started = time.monotonic()
     check_disk_path(source, "source")
     why = in_use(source)
     if why:
         raise ImageError(f"refusing to capture a disk in use: {why}")
-    lock = store.lock(name)
+    writer = store.begin_capture(name)
     try:
         fd = os.open(source, os.O_RDONLY)
     except OSError:
-        lock.close()
+        writer.close()
         raise
-    vdir = None
     try:
         plan = plan_source(source, fd)
         sparse = os.path.isfile(source)
-        vdir = store.new_version(name)
-        index = IndexWriter(vdir / "index.bin", FRAME_BYTES)
-        try:
-            _write_frames(fd, plan, sparse, vdir, index, report, cancelled)
-            image_sha256 = index.finish()
-        finally:
-            index.close()
+        index = writer.index(FRAME_BYTES)
+        compressed = _write_frames(fd, plan, sparse, writer.data(), index, report, cancelled)
+        image_sha256 = index.finish()
         stored, runs = index.stored, index.count
-        compressed = os.path.getsize(vdir / "data.zst")
         meta = {
-            "format": FORMAT, "name": name, "kind": kind, "version": vdir.name,
+            "format": FORMAT, "name": name, "kind": kind, "version": writer.version,
             "source": {"path": source, "size": plan.size, **plan.facts},
             "frame_bytes": FRAME_BYTES, "runs": runs,
             "bytes_stored": stored, "compressed_size": compressed,
@@ -159,79 +150,68 @@ def capture(source: str, store: ImageStore, name: str, kind: str,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tool": f"dsagent {__version__}", "compression": "zstd-1",
         }
-        write_atomic(vdir / "meta.json", json.dumps(meta, indent=1).encode())
-        removed = store.publish(name, vdir)
+        published = writer.commit(meta)
     except BaseException:
-        if vdir is not None:
-            shutil.rmtree(vdir, ignore_errors=True)
+        writer.abort()
         raise
     finally:
         os.close(fd)
-        lock.close()
+        writer.close()
     elapsed = time.monotonic() - started
     return {
-        "image": name, "version": vdir.name, "kind": kind, "source": source,
+        "image": name, "version": writer.version, "kind": kind, "source": source,
         "source_size": plan.size, "bytes_stored": stored, "compressed_size": compressed,
         "image_sha256": image_sha256, "runs": runs,
         "strategy": [f"{f['where']}: {f['strategy']}" for f in plan.facts.get("filesystems", [])],
-        "replaced_versions": removed, "duration_s": round(elapsed, 3),
+        **published, "duration_s": round(elapsed, 3),
         "read_mb_per_s": round(plan.read_bytes / 2**20 / max(elapsed, 1e-6), 1),
     }
 
 
-def _write_frames(fd: int, plan: Plan, sparse: bool, vdir, index: IndexWriter,
-                  report, cancelled) -> None:
+def _write_frames(fd: int, plan: Plan, sparse: bool, out, index: IndexWriter,
+                  report, cancelled) -> int:
+    """Read, pack, compress and write every frame to ``out`` (a sink: local
+    file or HTTP upload); return the compressed size."""
     progress = Progress(plan.read_bytes, report, "captured")
     done = 0
-    with open(vdir / "data.zst", "wb") as out, ThreadPoolExecutor(THREADS) as pool:
-        inflight: deque = deque()
-        frame: list[tuple[int, bytes]] = []
-        frame_bytes = 0
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            inflight: deque = deque()
+            frame: list[tuple[int, bytes]] = []
+            frame_bytes = 0
 
-        def flush() -> None:
-            nonlocal frame, frame_bytes
-            if frame:
-                inflight.append((frame, pool.submit(_pack, frame)))
-                frame, frame_bytes = [], 0
-            while len(inflight) >= IN_FLIGHT:
+            def flush() -> None:
+                nonlocal frame, frame_bytes
+                if frame:
+                    inflight.append((frame, pool.submit(_pack, frame)))
+                    frame, frame_bytes = [], 0
+                while len(inflight) >= IN_FLIGHT:
+                    _write_one(out, inflight.popleft(), index)
+
+            for offset, buf, n_read in _runs(fd, plan, sparse, cancelled):
+                done += n_read
+                if buf:
+                    if frame_bytes + len(buf) > FRAME_BYTES:
+                        flush()
+                    frame.append((offset, buf))
+                    frame_bytes += len(buf)
+                progress.update(done)
+                if cancelled():
+                    raise ImageError("capture cancelled")
+            flush()
+            while inflight:
                 _write_one(out, inflight.popleft(), index)
-
-        for offset, buf, n_read in _runs(fd, plan, sparse, cancelled):
-            done += n_read
-            if buf:
-                if frame_bytes + len(buf) > FRAME_BYTES:
-                    flush()
-                frame.append((offset, buf))
-                frame_bytes += len(buf)
-            progress.update(done)
-            if cancelled():
-                raise ImageError("capture cancelled")
-        flush()
-        while inflight:
-            _write_one(out, inflight.popleft(), index)
-        out.flush()
-        os.fsync(out.fileno())
-    fsync_dir(vdir)
+        size = out.finish()
+    except BaseException:
+        out.abort()
+        raise
     progress.update(done, force=True)
+    return size
 
 
 def _write_one(out, item, index: IndexWriter) -> None:
     runs, future = item
     digest, frame = future.result()
-    data_offset = out.tell()
-    out.write(frame)
-    out.flush()
-    start_writeback(out.fileno(), data_offset, len(frame))
+    data_offset = out.write(frame)
     for offset, buf in runs:
         index.add(Chunk(offset, len(buf), data_offset, len(frame), digest))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a frame to disk now (no wait), so the final fsync has
-    little left to do; durability still comes from that fsync."""
-    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)

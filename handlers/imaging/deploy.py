@@ -28,7 +28,7 @@ import zstandard
 
 from agent.plugin import Progress
 from handlers.imaging.source import check_disk_path, disk_size, in_use
-from handlers.imaging.store import Chunk, ImageError, ImageStore
+from handlers.imaging.store import Chunk, ImageError
 
 THREADS = 2
 IN_FLIGHT = 4
@@ -49,22 +49,24 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def _unpack(frame_no: int, compressed: bytes, runs: list[Chunk]) -> bytes:
+def _unpack(frame_no: int, first_run: int, compressed: bytes, runs: list[Chunk],
+            where: str) -> bytes:
     """In a worker thread: verify one frame (sha256 as stored, then zstd's
-    content checksum while decompressing) and return its bytes."""
+    content checksum while decompressing) and return its bytes. ``where``
+    names the image and its data file for the messages."""
     expected = sum(r.length for r in runs)
+    what = (f"{where}: frame {frame_no} (run{'s' if len(runs) > 1 else ''} {first_run}"
+            f"{f'-{first_run + len(runs) - 1}' if len(runs) > 1 else ''}, source bytes "
+            f"{runs[0].src_offset}..{runs[-1].src_offset + runs[-1].length}, data.zst bytes "
+            f"{runs[0].data_offset}+{len(compressed)})")
     if hashlib.sha256(compressed).digest() != runs[0].sha256:
-        raise ImageError(f"frame {frame_no} (source bytes {runs[0].src_offset}.."
-                         f"{runs[-1].src_offset + runs[-1].length}, image bytes "
-                         f"{runs[0].data_offset}+{len(compressed)}) fails its sha256 check: "
-                         "the image is corrupt")
+        raise ImageError(f"{what} fails its sha256 check: the image is corrupt")
     try:
         payload = _decompressor().decompress(compressed, max_output_size=expected)
     except zstandard.ZstdError as exc:
-        raise ImageError(f"frame {frame_no} (image bytes {runs[0].data_offset}+{len(compressed)}) "
-                         f"is corrupt: {exc}") from None
+        raise ImageError(f"{what} is corrupt: {exc}") from None
     if len(payload) != expected:
-        raise ImageError(f"frame {frame_no} holds {len(payload)} bytes, the index says {expected}")
+        raise ImageError(f"{what} holds {len(payload)} bytes, the index says {expected}")
     return payload
 
 
@@ -119,9 +121,10 @@ class _Hasher(threading.Thread):
             self.sha.update(buf)
 
 
-def deploy(store: ImageStore, name: str, kind: str, target: str,
+def deploy(store, name: str, kind: str, target: str,
            report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False) -> dict:
-    """Write image ``name`` (which must be of ``kind``) onto ``target``; return details."""
+    """Write image ``name`` (which must be of ``kind``) from ``store`` (a local
+    ImageStore or an HttpImageStore) onto ``target``; return details."""
     started = time.monotonic()
     check_disk_path(target, "target")
     version = store.open_current(name)
@@ -142,21 +145,27 @@ def deploy(store: ImageStore, name: str, kind: str, target: str,
             if target_size < size:
                 raise ImageError(f"target {target} is {target_size} bytes, smaller than the "
                                  f"image's source ({size} bytes)")
-            written, zeroed, digest = _write_image(fd, version.dir / "data.zst", chunks, size,
-                                                   report, cancelled)
+            data = version.open_data()
+            try:
+                written, zeroed, digest = _write_image(fd, data, chunks, size, report,
+                                                       cancelled, f"image '{name}'")
+                transfer = data.stats()
+            finally:
+                data.close()
             os.fsync(fd)
         finally:
             os.close(fd)
     finally:
         version.close()
     elapsed = time.monotonic() - started
-    return {"image": name, "version": version.dir.name, "kind": kind, "target": target,
+    return {"image": name, "version": version.version, "kind": kind, "target": target,
             "bytes_written": written, "bytes_zeroed": zeroed, "span_bytes": size,
-            "target_sha256": digest, "duration_s": round(elapsed, 3),
+            "target_sha256": digest, **transfer, "duration_s": round(elapsed, 3),
             "mb_per_s": round(size / 2**20 / max(elapsed, 1e-6), 1)}
 
 
-def _write_image(fd: int, data_path, chunks: Iterator[Chunk], size: int, report, cancelled):
+def _write_image(fd: int, data, chunks: Iterator[Chunk], size: int, report, cancelled,
+                 image: str):
     progress = Progress(size, report, "deployed")
     zeroer = _Zeroer(fd)
     hasher = _Hasher()
@@ -184,18 +193,20 @@ def _write_image(fd: int, data_path, chunks: Iterator[Chunk], size: int, report,
             pos += run.length
         progress.update(cursor)
 
+    where = f"{image} ({data.where})"
+    run_no = 0
     try:
-        with open(data_path, "rb") as data, ThreadPoolExecutor(THREADS) as pool:
+        with ThreadPoolExecutor(THREADS) as pool:
             inflight: deque = deque()
             frames = groupby(chunks, key=lambda c: c.data_offset)
             for frame_no, (data_offset, group) in enumerate(frames):
                 if cancelled():
                     raise ImageError("deploy cancelled")
                 runs = list(group)
-                compressed = os.pread(data.fileno(), runs[0].comp_length, data_offset)
-                if len(compressed) != runs[0].comp_length:
-                    raise ImageError(f"frame {frame_no} is truncated in {data_path}")
-                inflight.append((runs, pool.submit(_unpack, frame_no, compressed, runs)))
+                compressed = data.read(data_offset, runs[0].comp_length)
+                inflight.append((runs, pool.submit(_unpack, frame_no, run_no, compressed, runs,
+                                                   where)))
+                run_no += len(runs)
                 while len(inflight) >= IN_FLIGHT:
                     runs_done, future = inflight.popleft()
                     write_frame(runs_done, future.result())

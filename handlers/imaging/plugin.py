@@ -3,7 +3,8 @@
 CreateImage / CreateBackupImage: ``source`` (block device or disk file),
 ``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``.
 Capture images go only with DeployImage, backup images only with
-RestoreBackupImage. Needs ``[handlers] image_store``.
+RestoreBackupImage. Needs ``[handlers] image_store``: a folder, or an
+http(s) URL of a web server that serves files and takes PUT (httpstore.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from agent.plugin import (BadParameters, CheckResult, DoctorCheck, Param, TaskFailed, TaskType,
                           hookimpl)
 
-from handlers.imaging.store import ImageError, ImageStore, check_name
+from handlers.imaging.store import ImageError, check_name, is_url, open_store
 from handlers.shared.checks import configured_folder
 
 DEFAULT_TIMEOUT_S = 6 * 3600
@@ -46,7 +47,13 @@ def dsagent_validate_task(task, config):
     store = config.get("image_store")
     if not store:
         raise BadParameters(f"{task.type} needs [handlers] image_store in the agent's config")
-    if not os.path.isdir(store):
+    if is_url(store):
+        from handlers.imaging.httpstore import HttpImageStore
+        try:
+            HttpImageStore(store)
+        except ImageError as exc:
+            raise BadParameters(str(exc)) from None
+    elif not os.path.isdir(store):
         raise BadParameters(f"image_store {store} is not a folder")
     try:
         check_name(task.parameters["image"])  # the store's rule; the rest is checked by the core
@@ -59,7 +66,10 @@ def dsagent_run_task(task, ctx):
     from handlers.imaging.capture import capture
     from handlers.imaging.deploy import deploy
 
-    store = ImageStore(ctx.config["image_store"])
+    try:
+        store = open_store(ctx.config["image_store"])
+    except ImageError as exc:
+        raise TaskFailed(str(exc)) from None
     params = task.parameters
 
     def report(percent, message, **details):
@@ -95,8 +105,34 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def check_http_store(location: str) -> CheckResult:
+    """An http(s) store: the server answers (TLS, credentials); writes are not probed
+    (nothing may be left behind on a server that takes no DELETE)."""
+    from handlers.imaging.httpstore import HttpImageStore
+
+    try:
+        store = HttpImageStore(location)
+        session = store.session()
+    except ImageError as exc:
+        return CheckResult("fail", str(exc), "fix [handlers] image_store in the agent's config")
+    try:
+        status = session.head_status(store.base)
+    except ImageError as exc:
+        return CheckResult("fail", f"image store {store.base} does not answer: {exc}",
+                           "start the web server, or fix the URL, TLS or network")
+    finally:
+        session.close()
+    if status in (401, 407):
+        return CheckResult("fail", f"image store {store.base} wants credentials (HTTP {status})",
+                           "give them in the URL: http(s)://USER:PASSWORD@host/...")
+    return CheckResult("ok", f"image store {store.base} answers (HTTP {status}); uploads are "
+                       "checked by the first capture")
+
+
 def check_image_store(config: dict) -> CheckResult:
     """Captures fail late on a read-only or full store: probe a write, look at free space."""
+    if config.get("image_store") and is_url(config["image_store"]):
+        return check_http_store(config["image_store"])
     store, unusable = configured_folder(config, "image_store", "image store", (
         "no imaging here", "where images are captured or deployed"))
     if unusable:

@@ -12,10 +12,21 @@ A capture writes a new version folder; only when its data, index and
 metadata are on disk does ``current`` switch to it, so a killed capture
 leaves nothing that looks usable and the previous image stays usable until
 the new one is complete (the seed's "recorded before complete" fixed).
+
+The store API capture.py and deploy.py use, which httpstore.py implements
+for an http(s) URL with the same layout (``open_store`` picks one):
+
+- ``store.begin_capture(name)`` -> a writer: ``.version``, ``.data()`` (a sink:
+  ``write(frame) -> offset``, ``finish() -> size``), ``.index(frame_bytes)``
+  (an IndexWriter), ``.commit(meta) -> details``, ``.abort()``, ``.close()``;
+- ``store.open_current(name)`` -> a version: ``.meta``, ``.kind``, ``.version``,
+  ``.chunks()`` (the verified index), ``.open_data()`` (a reader:
+  ``read(offset, length) -> bytes``, ``stats()``, ``close()``), ``.close()``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -27,9 +38,9 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from handlers.shared.durable import write_atomic
+from handlers.shared.durable import fsync_dir, write_atomic
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 VERSION_RE = re.compile(r"[0-9]{8}T[0-9]{12}Z-[0-9a-f]{4}")  # what new_version makes
@@ -43,6 +54,24 @@ KINDS = ("capture", "backup")
 
 class ImageError(Exception):
     """An image cannot be used or made; the message says which and why."""
+
+
+def is_url(location: str) -> bool:
+    return location.lower().startswith(("http://", "https://"))
+
+
+def open_store(location: str | os.PathLike):
+    """The image store ``[handlers] image_store`` names: a folder, or an http(s) URL."""
+    if is_url(str(location)):
+        from handlers.imaging.httpstore import HttpImageStore
+        return HttpImageStore(str(location))
+    return ImageStore(location)
+
+
+def version_id() -> str:
+    """A new version's id: UTC timestamp + random suffix (matches VERSION_RE)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{secrets.token_hex(2)}"
 
 
 def check_name(name: str) -> str:
@@ -64,8 +93,13 @@ class Chunk:
 
 
 class ImageStore:
+    """A local image store (a folder, or a mounted share)."""
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
 
     def folder(self, name: str) -> Path:
         folder = self.root / check_name(name)
@@ -115,10 +149,13 @@ class ImageStore:
         return fh
 
     def new_version(self, name: str) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        vdir = self.folder(name) / f"{stamp}-{secrets.token_hex(2)}"
+        vdir = self.folder(name) / version_id()
         vdir.mkdir(parents=True)
         return vdir
+
+    def begin_capture(self, name: str) -> "LocalCapture":
+        """Lock ``name`` for a capture (ImageError if one is running)."""
+        return LocalCapture(self, name)
 
     def publish(self, name: str, vdir: Path) -> list[str]:
         """Make ``vdir`` the image's current version; remove older versions not in use."""
@@ -164,6 +201,10 @@ class ImageVersion:
     def kind(self) -> str:
         return self.meta["kind"]
 
+    @property
+    def version(self) -> str:
+        return self.dir.name
+
     def chunks(self) -> Iterator[Chunk]:
         """Stream the index, after checking it against the metadata's image_sha256."""
         path = self.dir / "index.bin"
@@ -173,20 +214,125 @@ class ImageVersion:
                 digest.update(block)
         if digest.hexdigest() != self.meta.get("image_sha256"):
             raise ImageError(f"{path} does not match the image checksum (corrupt or altered index)")
-        return read_index(path)
+        return _read_index_file(path)
+
+    def open_data(self) -> "LocalData":
+        return LocalData(self.dir / "data.zst")
 
     def close(self) -> None:
         self._meta_fh.close()
 
 
-class IndexWriter:
-    """Writes index.bin record by record (memory stays flat however many runs),
-    with a running sha256 that becomes the image's checksum."""
+class LocalData:
+    """data.zst of a local version, read frame by frame."""
 
-    def __init__(self, path: Path, frame_bytes: int):
+    def __init__(self, path: Path):
+        self.where = str(path)
+        self._fh = open(path, "rb")
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = os.pread(self._fh.fileno(), length, offset)
+        if len(buf) != length:
+            raise ImageError(f"{self.where} is truncated: {length} bytes at {offset} wanted, "
+                             f"{len(buf)} there")
+        return buf
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class LocalCapture:
+    """A capture into a local store: the lock, the version folder, the switch."""
+
+    def __init__(self, store: ImageStore, name: str):
+        self.store, self.name = store, name
+        self._lock = store.lock(name)
+        self._vdir: Path | None = None
+        self._index: IndexWriter | None = None
+
+    @property
+    def vdir(self) -> Path:
+        if self._vdir is None:
+            self._vdir = self.store.new_version(self.name)
+        return self._vdir
+
+    @property
+    def version(self) -> str:
+        return self.vdir.name
+
+    def data(self) -> "LocalSink":
+        return LocalSink(self.vdir / "data.zst")
+
+    def index(self, frame_bytes: int) -> "IndexWriter":
+        self._index = IndexWriter(open(self.vdir / "index.bin", "wb"), frame_bytes, fsync=True)
+        return self._index
+
+    def commit(self, meta: dict) -> dict:
+        """Write the metadata (the version is complete), then switch ``current``."""
+        if self._index is not None:
+            self._index.close()
+        write_atomic(self.vdir / "meta.json", json.dumps(meta, indent=1).encode())
+        return {"replaced_versions": self.store.publish(self.name, self.vdir)}
+
+    def abort(self) -> None:
+        if self._index is not None:
+            self._index.close()
+        if self._vdir is not None:
+            shutil.rmtree(self._vdir, ignore_errors=True)
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+class LocalSink:
+    """data.zst being written: frames appended, written back as they come."""
+
+    def __init__(self, path: Path):
         self.path = path
-        self.frame_bytes = frame_bytes
         self._fh = open(path, "wb")
+        self.size = 0
+
+    def write(self, frame: bytes) -> int:
+        offset = self.size
+        self._fh.write(frame)
+        self._fh.flush()
+        start_writeback(self._fh.fileno(), offset, len(frame))
+        self.size += len(frame)
+        return offset
+
+    def finish(self) -> int:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        fsync_dir(self.path.parent)
+        return self.size
+
+    def abort(self) -> None:
+        self._fh.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a frame to disk now (no wait), so the final fsync has
+    little left to do; durability still comes from that fsync."""
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+class IndexWriter:
+    """Writes index.bin record by record into ``fh`` (memory stays flat however
+    many runs), with a running sha256 that becomes the image's checksum."""
+
+    def __init__(self, fh: BinaryIO, frame_bytes: int, fsync: bool = True):
+        self.frame_bytes = frame_bytes
+        self.fsync = fsync
+        self._fh = fh
         self._sha = hashlib.sha256()
         self.count = 0
         self.stored = 0
@@ -200,36 +346,46 @@ class IndexWriter:
         self.stored += chunk.length
 
     def finish(self) -> str:
-        """Append the trailer, fsync; return the sha256 of the whole file."""
+        """Append the trailer, flush (and fsync); return the sha256 of the whole file."""
         trailer = INDEX_TRAILER.pack(INDEX_MAGIC, self.frame_bytes, INDEX_RECORD.size, self.count, 0)
         self._fh.write(trailer)
         self._sha.update(trailer)
         self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        if self.fsync:
+            os.fsync(self._fh.fileno())
         return self._sha.hexdigest()
+
+    @property
+    def file(self) -> BinaryIO:
+        return self._fh
 
     def close(self) -> None:
         self._fh.close()
 
 
-def read_index(path: Path) -> Iterator[Chunk]:
-    """The records of index.bin, streamed (the trailer is checked first)."""
-    size = path.stat().st_size
+def _read_index_file(path: Path) -> Iterator[Chunk]:
     with open(path, "rb") as fh:
-        if size < INDEX_TRAILER.size:
+        yield from read_index(fh, str(path))
+
+
+def read_index(fh: BinaryIO, path: str) -> Iterator[Chunk]:
+    """The records of index.bin (open in ``fh``), streamed (the trailer is checked first)."""
+    size = fh.seek(0, os.SEEK_END)
+    if size < INDEX_TRAILER.size:
+        raise ImageError(f"{path} is truncated")
+    fh.seek(size - INDEX_TRAILER.size)
+    magic, _frame, record_size, count, _ = INDEX_TRAILER.unpack(fh.read(INDEX_TRAILER.size))
+    if magic != INDEX_MAGIC or record_size != INDEX_RECORD.size:
+        raise ImageError(f"{path} has an unknown format")
+    if size != INDEX_TRAILER.size + count * record_size:
+        raise ImageError(f"{path} is truncated")
+    fh.seek(0)
+    left = count * record_size
+    while left:
+        block = fh.read(min(INDEX_READ, left))
+        if not block:
             raise ImageError(f"{path} is truncated")
-        fh.seek(size - INDEX_TRAILER.size)
-        magic, _frame, record_size, count, _ = INDEX_TRAILER.unpack(fh.read(INDEX_TRAILER.size))
-        if magic != INDEX_MAGIC or record_size != INDEX_RECORD.size:
-            raise ImageError(f"{path} has an unknown format")
-        if size != INDEX_TRAILER.size + count * record_size:
-            raise ImageError(f"{path} is truncated")
-        fh.seek(0)
-        left = count * record_size
-        while left:
-            block = fh.read(min(INDEX_READ, left))
-            left -= len(block)
-            for src, length, _flags, data_off, comp_len, _res, digest in \
-                    INDEX_RECORD.iter_unpack(block):
-                yield Chunk(src, length, data_off, comp_len, digest)
+        left -= len(block)
+        for src, length, _flags, data_off, comp_len, _res, digest in \
+                INDEX_RECORD.iter_unpack(block):
+            yield Chunk(src, length, data_off, comp_len, digest)
