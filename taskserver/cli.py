@@ -8,6 +8,8 @@
                            [--param NAME=VALUE ...] [--param-file NAME=PATH ...] [--timeout S])
                            [--tickle]          # --param values may hold tokens: tokens.py
     dsagent-server deploy  --db FILE --mac MAC --image I [--target DEV] [--config C] [--no-wait]
+    dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
+                                     # the automation environment (docs/automation-base.md)
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
@@ -50,6 +52,7 @@ from agent.common.config import SCHEMA as AGENT_SCHEMA, check_config, render_con
 from agent.common.errors import DsagentError
 
 from taskserver.app import TaskServer, tickle_client
+from taskserver.basecli import add_commands as add_base_commands
 from taskserver.deploy import add_commands as add_deploy_commands
 from taskserver.pxecli import add_pxe_commands
 from taskserver.tokens import expand, facts_of
@@ -424,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pxe_commands(sub)
     add_deploy_commands(sub, command)
+    add_base_commands(sub)
     return parser
 
 
