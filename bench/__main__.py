@@ -1,15 +1,18 @@
-"""``python -m bench [chain|imaging|pxe|all] [--quick]``: measure, print a table.
+"""``python -m bench [chain|imaging|pxe|deployment|all] [--quick]``: measure, print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
 (also ``--only imaging``) measures disk capture/deploy against zstd and
 partclone (bench/imaging.py); ``pxe`` three PXE site servers answering a
 console change and serving boot scripts (bench/pxe.py; root and dnsmasq);
-``all`` (also ``--all``) runs the three.
+``deployment`` DeployImage over HTTP vs a folder, the automation initrd and a
+VM's PXE boot until its agent registers (bench/deployment.py; root and QEMU);
+``all`` (also ``--all``) runs the four.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
 ``bench/results.md``: the chain section first, then a ``## Imaging`` section,
-then a ``## PXE site server`` section. A run replaces the section(s) it
-measured and keeps the others as they were. Nothing is asserted.
+then a ``## PXE site server`` section, then ``## Initial deployment``. A run
+replaces the section(s) it measured and keeps the others as they were. Nothing
+is asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench import chain as chain_bench
+from bench import deployment as deployment_bench
 from bench import imaging as imaging_bench
 from bench import micro
 from bench import pxe as pxe_bench
@@ -186,9 +190,11 @@ def merge_results(old: str, chain: str | None, imaging: str | None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", nargs="?", choices=("chain", "imaging", "pxe", "all"),
+    parser.add_argument("suite", nargs="?",
+                        choices=("chain", "imaging", "pxe", "deployment", "all"),
                         help="what to measure (default: chain)")
-    parser.add_argument("--only", choices=("chain", "imaging", "pxe"), help="same as SUITE")
+    parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment"),
+                        help="same as SUITE")
     parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
                         help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool")
@@ -216,11 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         except pxe_bench.Unavailable as exc:
             parser.exit(2, f"python -m bench: error: {exc}\n")
         pxe_bench.clean_up_on_sigterm()
+    if suite in ("deployment", "all"):
+        try:
+            deployment_bench.check()    # root, QEMU, dnsmasq, iPXE, e2fsprogs, fdisk, zstd
+        except deployment_bench.Unavailable as exc:
+            parser.exit(2, f"python -m bench: error: {exc}\n")
+        deployment_bench.clean_up_on_sigterm()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    chain_text = imaging_text = pxe_text = None
+    chain_text = imaging_text = pxe_text = deployment_text = None
     try:
         if suite in ("chain", "all"):
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             imaging_text = imaging_bench.section(workdir / "imaging", runs, args.cold, args.quick)
         if suite in ("pxe", "all"):
             pxe_text = pxe_bench.section(workdir / "pxe", args.quick)
+        if suite in ("deployment", "all"):
+            deployment_text = deployment_bench.section(workdir / "deployment", args.quick)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -236,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {workdir}")
     out = Path(args.out)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text) if t))
-    out.write_text(merge_results(old, chain_text, imaging_text, pxe_text), encoding="utf-8")
+    old, old_deployment = deployment_bench.split_section(old)
+    print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text) if t))
+    out.write_text(deployment_bench.join_section(
+        merge_results(old, chain_text, imaging_text, pxe_text),
+        deployment_text if deployment_text is not None else old_deployment), encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
     return 0
 

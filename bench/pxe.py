@@ -62,7 +62,6 @@ import socket
 import statistics
 import struct
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,7 +75,7 @@ from agent.pxe import probe
 from agent.pxe.bootfiles import BOOT_DIR, COMMON_SCRIPT, script_name
 from agent.pxe.service import run_dir_for
 from bench.chain import at_epoch
-from bench.report import Conditions, Row, machine_lines, ms, percentile, table
+from bench.report import run_standalone, Conditions, Row, machine_lines, ms, percentile, table
 from taskserver.app import tickle_clients
 from taskserver.loopback import LoopbackChain
 from taskserver.pxe import PXEStore
@@ -735,25 +734,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.pxe: error: {exc}", file=sys.stderr)
         return 2
     clean_up_on_sigterm()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-pxe-"))
-    began = time.monotonic()
-    try:
-        text = section(workdir, args.quick, runs=args.runs, big_runs=args.big_runs,
-                       big=args.big, samples=args.samples)
-    except KeyboardInterrupt as exc:
-        print(f"bench.pxe: interrupted ({exc or 'Ctrl-C'}); agents, dnsmasq and the "
-              "namespace were stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep or args.workdir:
-            say(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    say(f"done in {time.monotonic() - began:.0f} s")
-    return 0
+    return run_standalone("bench.pxe", args, "dsagent-bench-pxe-",
+                          lambda w: section(w, args.quick, runs=args.runs, big_runs=args.big_runs,
+                                            big=args.big, samples=args.samples),
+                          "agents, dnsmasq and the namespace were stopped", say)
 
 
 if __name__ == "__main__":

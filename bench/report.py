@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -122,3 +126,28 @@ def cpu_row(cpu_s: dict[str, float], done: int, elapsed_s: float) -> "Row":
                f"{total / done * 1000:.2f} ms in all ("
                + ", ".join(f"{name} {cpu / done * 1000:.2f}" for name, cpu in cpu_s.items())
                + f"); {total / elapsed_s:.2f} cores busy on average")
+
+
+def run_standalone(prog: str, args, prefix: str, make_text: Callable[[Path], str],
+                   stopped: str, say: Callable[[str], None]) -> int:
+    """The ``python -m bench.X`` tail the VM/namespace benches share: a work dir
+    (``args.workdir`` or a new temp one, removed unless kept), the section made,
+    printed and written to ``args.out``; Ctrl-C/SIGTERM ends it with 130 and
+    ``stopped`` (what was cleaned up)."""
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    began = time.monotonic()
+    try:
+        text = make_text(workdir)
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: interrupted ({exc or 'Ctrl-C'}); {stopped}", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep or args.workdir:
+            say(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    say(f"done in {time.monotonic() - began:.0f} s")
+    return 0

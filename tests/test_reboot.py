@@ -153,3 +153,20 @@ def test_the_reboot_waits_while_the_server_is_down_and_says_why(lab):
     assert [s for _, _, s in seen["events"]] == ["received", "running", "succeeded"]
     assert seen["actions"][mac] == "production"
     assert chain.agent.wait(30) == 0
+
+
+def test_a_reboot_after_a_failed_task_does_not_restart_and_leaves_the_pxe_answer(lab):
+    """DeployImage and Reboot are pulled together (dsagent-server deploy): the Reboot
+    waits for the deploy, and when that failed it ends failed without restarting,
+    so the computer stays in automation (and its PXE answer with it)."""
+    chain, pxe, mac, _ = lab
+    failing = chain.queue("RunScript", {"script": "sleep 1; exit 3"})
+    reboot = chain.queue("Reboot", {"to": "production"})
+    assert chain.tickle() == "OK"
+    assert chain.wait([failing, reboot], 60)
+    events = chain.events(reboot)
+    assert [e["state"] for e in events] == ["received", "failed"]   # never `running`
+    assert f"did not succeed: {failing} (failed)" in events[-1]["message"]
+    assert chain.events(failing)[-1]["at"] <= events[-1]["at"]
+    assert pxe.computer(mac).action == "automation"
+    assert not chain.marker.exists() and chain.agent.poll() is None

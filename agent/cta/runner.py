@@ -84,6 +84,13 @@ def execute(task: Task, pool: WorkerPool, recorder: Recorder, handler_config: di
         return _finish(recorder, task, outcome)
 
 
+def fail_unrun(task: Task, recorder: Recorder, message: str) -> str:
+    """End a ``received`` task as failed without running it (a Reboot whose
+    earlier tasks failed); return "failed"."""
+    with task_context(task.id):
+        return _finish(recorder, task, Outcome("failed", message))
+
+
 def _finish(recorder: Recorder, task: Task, outcome: Outcome) -> str:
     event = recorder.record(task, outcome.state, message=outcome.message,
                             details=outcome.details, progress=outcome.progress)

@@ -12,8 +12,9 @@ poll timer, pulls the pending tasks, records each new one durably as
 - serve() = startup -> main loop -> shutdown (signals in the main thread);
   shutdown stops pulling and drains running tasks, cancelling what is left
   after the grace period.
-- Once a Reboot task's ``succeeded`` is committed, the CTA starts no new task
-  and writes the reboot request ``dsagent run`` acts on (agent/cta/reboot.py).
+- A Reboot task starts only once every task received before it has ended.
+  Once its ``succeeded`` is committed, the CTA starts no new task and writes
+  the reboot request ``dsagent run`` acts on (agent/cta/reboot.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait as futures_wait
 from typing import Any
 
 from agent.common.config import Config, parse_hostport
@@ -37,7 +38,7 @@ from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier
 from agent.cta import reboot
-from agent.cta.runner import execute
+from agent.cta.runner import execute, fail_unrun
 from agent.common.serverapi import ServerAPI, is_loopback_host
 from agent.common.statedb import db_path
 from agent.cta.taskdb import AgentDB, Change
@@ -300,7 +301,27 @@ class CTA:
         return True
 
     def _submit(self, task: Task) -> None:
-        future = self.executor.submit(execute, task, self.pool, self.recorder,
+        run = execute
+        if task.type == reboot.TASK_TYPE and self.running:
+            # A Reboot ends what was queued before it (DeployImage, then Reboot): it
+            # starts only once every task received before it has ended, never beside
+            # one, and not at all if one of them failed: a computer whose deploy
+            # failed stays where it is (in automation), its PXE answer unchanged.
+            earlier = dict(self.running)
+            log.info("task %s (Reboot) starts once the %d task(s) received before it have "
+                     "ended", task.id, len(earlier), extra={"task_id": task.id})
+
+            def run(*args):
+                futures_wait(earlier.values())
+                ended = {tid: ("failed" if f.exception() else f.result())
+                         for tid, f in earlier.items()}
+                bad = [f"{tid} ({state})" for tid, state in ended.items()
+                       if state not in ("succeeded", "received")]
+                if bad:
+                    return fail_unrun(task, self.recorder, "not restarting: task(s) received "
+                                      "before this Reboot did not succeed: " + ", ".join(bad))
+                return execute(*args)
+        future = self.executor.submit(run, task, self.pool, self.recorder,
                                       self.config.handlers, self.draining, self.stopping)
         self.running[task.id] = future
         future.add_done_callback(lambda f, t=task: self._done(f, t))
