@@ -281,7 +281,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 print(f"{PROG}: warning: {exc}; the agent will pull on its next poll",
                       file=sys.stderr)
             else:
-                print(f"{PROG}: tickle {client} answered {answer}", file=sys.stderr)
+                who = f" {client}" if len(clients) > 1 else ""
+                print(f"{PROG}: tickle{who} answered {answer}", file=sys.stderr)
     return 0
 
 
