@@ -1,21 +1,68 @@
 """Fixtures shared by test files: the reference task server on loopback; the
-built package and a throwaway root to install it in (tests/packaged.py); and
-the one way to wait for a condition (``from conftest import wait_until``)."""
+built package and a throwaway root to install it in (tests/packaged.py); the
+one way to wait for a condition (``from conftest import wait_until``); and a
+stand-in objecthost for the server's tickles (``TickleListener``)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from agent.common.tickle import ReplayCache, check_tickle
 from packaged import Root, build
 from taskserver import TaskServer, TaskStore
 
 ENROLL_KEY = "let-me-in"
+
+
+class TickleListener:
+    """An objecthost stand-in on loopback: notes each tickle line and when it came.
+    Given the client's id and tickle key it checks the line and answers OK or
+    ``ERR <code>`` as the objecthost does; without them it answers OK."""
+
+    def __init__(self, client_id: str | None = None, key: bytes | None = None):
+        self.client_id, self.key, self.cache = client_id, key, ReplayCache()
+        self.lines: list[bytes] = []
+        self.times: list[float] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _answer(self, line: bytes) -> bytes:
+        if self.key is None:
+            return b"OK\n"
+        try:
+            self.cache.remember(check_tickle(line, self.client_id, self.key, self.cache),
+                                time.time())
+            return b"OK\n"
+        except Exception as exc:
+            return f"ERR {getattr(exc, 'code', 'bad-frame')}\n".encode()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    line = conn.makefile("rb").readline(600)
+                    self.lines.append(line)
+                    self.times.append(time.monotonic())
+                    conn.sendall(self._answer(line))
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.02):

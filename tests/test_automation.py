@@ -22,7 +22,7 @@ from agent.common.errors import ConfigError
 from agent.common.serverapi import machine_macs, machine_uuid
 from agent.cta import reboot as cta_reboot
 from agent import supervisor
-from conftest import wait_until
+from conftest import TickleListener, wait_until
 from taskserver import TaskServer, TaskStore
 from taskserver import automation
 from taskserver.cli import build_parser
@@ -36,34 +36,6 @@ SMBIOS = "4c4c4544-0042-3510-8052-b4c04f4b4c31"
 def automation_request(macs, uuid_=None, **extra):
     return {"mode": "automation", "name": "localhost", "uuid": uuid_, "macs": macs,
             "ips": ["192.0.2.7"], "os": "Linux 6.1", "agent_version": "0.1.0", **extra}
-
-
-class TickleListener:
-    """A fake objecthost: answers OK to each tickle line and notes when it came."""
-
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.times: list[float] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    conn.recv(1024)
-                    self.times.append(time.monotonic())
-                    conn.sendall(b"OK\n")
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture

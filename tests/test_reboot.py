@@ -16,10 +16,9 @@ import textwrap
 import pytest
 
 from agent.common.serverapi import machine_macs
-from conftest import wait_until
+from conftest import TickleListener, wait_until
 from taskserver.loopback import LoopbackChain
 from taskserver.pxe import PXEStore
-from test_automation import TickleListener
 
 # Runs as [agent] reboot_command: notes what the server's database holds right now.
 REBOOT_SCRIPT = """\

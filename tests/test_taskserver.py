@@ -21,7 +21,7 @@ import pytest
 import xmltodict
 
 from agent.common.config import load_config
-from agent.common.tickle import ReplayCache, check_tickle
+from conftest import TickleListener
 from taskserver import TaskStore, TickleFailed
 from taskserver.store import InvalidRequest, RegistrationRefused
 
@@ -338,37 +338,6 @@ def test_oversized_body_and_fault_and_restart(server, creds, store):
 
 
 # -- tickle ---------------------------------------------------------------------------
-
-class TickleListener:
-    """A loopback objecthost stand-in: checks each tickle line, answers OK or ERR code."""
-
-    def __init__(self, client_id: str, key: bytes):
-        self.client_id, self.key, self.cache = client_id, key, ReplayCache()
-        self.lines: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline(600)
-                self.lines.append(line)
-                try:
-                    nonce = check_tickle(line, self.client_id, self.key, self.cache)
-                    self.cache.remember(nonce, time.time())
-                    conn.sendall(b"OK\n")
-                except Exception as exc:
-                    conn.sendall(f"ERR {getattr(exc, 'code', 'bad-frame')}\n".encode())
-
-    def close(self):
-        self.sock.close()
-
 
 def test_tickle_reaches_a_real_listener(server, store, tmp_path):
     creds = store.enroll("pc-tick")

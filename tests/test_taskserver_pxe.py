@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,11 +23,10 @@ import httpx
 import pytest
 
 from agent.common.taskxml import parse_client_tasks
-from agent.common.tickle import ReplayCache, check_tickle
 from agent.pxe.sbsdoc import (Computer, Computers, Image, Images, RemoveComputer, RemoveImage,
                               Setting, Settings, Update, parse_sbs)
 from agent.pxe.state import PXEState
-from conftest import ENROLL_KEY, wait_until
+from conftest import ENROLL_KEY, TickleListener, wait_until
 from taskserver.pxe import PXEStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,33 +439,6 @@ def test_servers_listing_shows_state_and_silent_servers(server, store, sites):
 
 
 # -- tickles ----------------------------------------------------------------------------
-
-class TickleListener:
-    """An objecthost stand-in on loopback: checks each tickle, answers OK."""
-
-    def __init__(self, client_id: str, key: bytes):
-        self.client_id, self.key, self.cache = client_id, key, ReplayCache()
-        self.lines: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline(600)
-                self.lines.append(line)
-                try:
-                    self.cache.remember(check_tickle(line, self.client_id, self.key, self.cache),
-                                        time.time())
-                    conn.sendall(b"OK\n")
-                except Exception as exc:
-                    conn.sendall(f"ERR {getattr(exc, 'code', 'bad-frame')}\n".encode())
-
 
 def test_a_change_tickles_each_pxe_server_and_a_failed_tickle_loses_nothing(server, store,
                                                                             sites):
