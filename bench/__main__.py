@@ -29,7 +29,8 @@ from bench import deployment as deployment_bench
 from bench import imaging as imaging_bench
 from bench import micro
 from bench import pxe as pxe_bench
-from bench.report import Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table
+from bench.report import (Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table,
+                          unwind_on_sigterm)
 
 RESULTS = Path(__file__).with_name("results.md")
 IMAGING_HEADING = "## Imaging"
@@ -221,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             pxe_bench.check()           # before anything runs: root, dnsmasq, ip, ipxe
         except pxe_bench.Unavailable as exc:
             parser.exit(2, f"python -m bench: error: {exc}\n")
-        pxe_bench.clean_up_on_sigterm()
+        unwind_on_sigterm()
     if suite in ("deployment", "all"):
         try:
             deployment_bench.check()    # root, QEMU, dnsmasq, iPXE, e2fsprogs, fdisk, zstd
         except deployment_bench.Unavailable as exc:
             parser.exit(2, f"python -m bench: error: {exc}\n")
-        deployment_bench.clean_up_on_sigterm()
+        unwind_on_sigterm()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

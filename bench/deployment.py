@@ -50,7 +50,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import statistics
@@ -62,7 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import imaging as imaging_bench
-from bench.report import run_standalone, Conditions, Row, machine_lines, table
+from bench.report import (Conditions, Row, machine_lines, run_standalone, table,
+                          unwind_on_sigterm)
 from tests import pxelab
 
 HEADING = "## Initial deployment"
@@ -727,15 +727,6 @@ def join_section(text: str, section_text: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def clean_up_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so nginx, the servers, QEMU and the namespace go."""
-    signal.signal(signal.SIGTERM, _terminate)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.deployment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -751,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as exc:
         print(f"bench.deployment: error: {exc}", file=sys.stderr)
         return 2
-    clean_up_on_sigterm()
+    unwind_on_sigterm()
     return run_standalone("bench.deployment", args, "dsagent-bench-deploy-",
                           lambda w: section(w, args.quick, runs=args.runs, boots=args.boots),
                           "everything it started was stopped", say)

@@ -57,7 +57,6 @@ import os
 import random
 import select
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -75,7 +74,8 @@ from agent.pxe import probe
 from agent.pxe.bootfiles import BOOT_DIR, COMMON_SCRIPT, script_name
 from agent.pxe.service import run_dir_for
 from bench.chain import at_epoch
-from bench.report import run_standalone, Conditions, Row, machine_lines, ms, percentile, table
+from bench.report import (Conditions, Row, machine_lines, ms, percentile, run_standalone, table,
+                          unwind_on_sigterm)
 from taskserver.app import tickle_clients
 from taskserver.loopback import LoopbackChain
 from taskserver.pxe import PXEStore
@@ -706,15 +706,6 @@ def section(workdir: Path, quick: bool = False, **kwargs) -> str:
                       table(rows), "", NOTES])
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def clean_up_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the agents, dnsmasq and the namespace are removed."""
-    signal.signal(signal.SIGTERM, _terminate)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pxe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -733,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     except Unavailable as exc:
         print(f"bench.pxe: error: {exc}", file=sys.stderr)
         return 2
-    clean_up_on_sigterm()
+    unwind_on_sigterm()
     return run_standalone("bench.pxe", args, "dsagent-bench-pxe-",
                           lambda w: section(w, args.quick, runs=args.runs, big_runs=args.big_runs,
                                             big=args.big, samples=args.samples),

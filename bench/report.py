@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -151,3 +152,13 @@ def run_standalone(prog: str, args, prefix: str, make_text: Callable[[Path], str
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s")
     return 0
+
+
+def _unwind(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwind_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so a bench's ``finally`` blocks stop what it
+    started (agents, dnsmasq, QEMU, nginx, the namespaces)."""
+    signal.signal(signal.SIGTERM, _unwind)
