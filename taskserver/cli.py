@@ -8,6 +8,7 @@
                            [--param NAME=VALUE ...] [--param-file NAME=PATH ...] [--timeout S])
                            [--tickle]          # --param values may hold tokens: tokens.py
     dsagent-server deploy  --db FILE --mac MAC --image I [--target DEV] [--config C] [--no-wait]
+    dsagent-server capture --db FILE --mac MAC --image I [--source DEV] [--config C] [--no-wait]
     dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
                                      # the automation environment (docs/automation-base.md)
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]

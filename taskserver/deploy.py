@@ -1,17 +1,23 @@
-"""``dsagent-server deploy``: the initial deployment of one computer, as one job.
+"""``dsagent-server deploy`` and ``capture``: imaging one computer from
+automation, as one job.
 
-    dsagent-server deploy --db F --mac M --image I [--target /dev/vda] [--config C]
-                          [--timeout S] [--no-wait]
+    dsagent-server deploy  --db F --mac M --image I [--target /dev/vda] [--config C]
+                           [--timeout S] [--no-wait]
+    dsagent-server capture --db F --mac M --image I [--source /dev/vda] [--config C]
+                           [--timeout S] [--no-wait]
 
-The seed's Initial Deployment (PROTOCOL.md §8): the computer (listed on the
-console, predefined or managed) is set to ``automation`` so that its next PXE
-boot loads the automation environment; DeployImage (``image``, ``target``) and
-then ``Reboot`` to production are queued for it, to be pulled once its agent
+The seed's Initial Deployment and "Disk Imaging in Automation" (PROTOCOL.md
+§8): the computer (listed on the console, predefined or managed) is set to
+``automation`` so that its next PXE boot loads the automation environment;
+DeployImage (``image``, ``target``) or CreateImage (``source``, ``image``),
+then ``Reboot`` to production, are queued for it, to be pulled once its agent
 registers from automation; every PXE server is told and tickled. Then the job
 is followed: each status as the server receives it, until Reboot succeeded
 (exit 0), a task failed (exit 1, with why) or ``--timeout`` passed (exit 1,
 naming what it still waits for). Parameters may hold tokens
-(taskserver/tokens.py), replaced for this computer.
+(taskserver/tokens.py), replaced for this computer. A capture uploads to the
+server's image store with the per-boot credentials the agent got when it
+registered (agent/common/config.py ``lend_credentials``).
 """
 
 from __future__ import annotations
@@ -32,17 +38,34 @@ DEFAULT_TARGET = "/dev/vda"
 POLL_S = 0.5
 
 
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a job does in automation: its task type, the parameter naming the
+    disk, and the words its progress uses."""
+    command: str
+    task_type: str
+    disk_param: str
+    done: str
+
+
+DEPLOY = Kind("deploy", "DeployImage", "target", "deployed")
+CAPTURE = Kind("capture", "CreateImage", "source", "captured")
+
+
 @dataclass
 class Job:
     client_id: str
     mac: str
-    task_ids: list[str]       # DeployImage, Reboot
+    task_ids: list[str]       # DeployImage or CreateImage, then Reboot
     pxe_servers: list[str]    # told of the automation action
+    kind: Kind = DEPLOY
 
 
-def start(store: TaskStore, mac: str, image: str, target: str = DEFAULT_TARGET,
-          config: str | None = None) -> Job:
-    """Set ``mac`` to automation and queue its DeployImage and Reboot; one
+def start(store: TaskStore, mac: str, image: str, disk: str = DEFAULT_TARGET,
+          config: str | None = None, kind: Kind = DEPLOY) -> Job:
+    """Set ``mac`` to automation and queue its imaging task and Reboot; one
     transaction each (the PXE change first, so the computer boots automation)."""
     pxe = PXEStore(store)
     mac = normalise_mac(mac)
@@ -57,18 +80,18 @@ def start(store: TaskStore, mac: str, image: str, target: str = DEFAULT_TARGET,
     client_id = computer_client_id(computer)
     facts = facts_of(store.client(client_id), client_id, pxe_name=computer.name, pxe_mac=mac,
                      image=image)
-    deploy = expand({"image": image, "target": target}, facts, client_id)
+    params = expand({"image": image, kind.disk_param: disk}, facts, client_id)
     sent = pxe.set_action(mac, "automation", config)
-    ids = [store.queue_task(client_id, "DeployImage", deploy),
+    ids = [store.queue_task(client_id, kind.task_type, params),
            store.queue_task(client_id, "Reboot", {"to": "production"})]
     servers = list(sent.tasks)
     tickle_clients(store, servers)
-    return Job(client_id, mac, ids, servers)
+    return Job(client_id, mac, ids, servers, kind)
 
 
 def follow(store: TaskStore, job: Job, timeout: float, out: TextIO = sys.stdout) -> int:
     """Print each new status of the job's tasks; 0 when all succeeded, 1 otherwise."""
-    names = dict(zip(job.task_ids, ("DeployImage", "Reboot")))
+    names = dict(zip(job.task_ids, (job.kind.task_type, "Reboot")))
     shown: set[str] = set()
     deadline = time.monotonic() + timeout
     while True:
@@ -84,18 +107,18 @@ def follow(store: TaskStore, job: Job, timeout: float, out: TextIO = sys.stdout)
                       f"{event['state']}{progress}  {event.get('message') or ''}".rstrip(),
                       file=out, flush=True)
                 if event["state"] in ("failed", "cancelled"):
-                    print(f"deploy stopped: {names[task_id]} {event['state']}: "
+                    print(f"{job.kind.command} stopped: {names[task_id]} {event['state']}: "
                           f"{event.get('message') or 'no message'}", file=out, flush=True)
                     return 1
             if store.is_terminal(task_id):
                 done += 1
         if done == len(job.task_ids):
-            print(f"deploy done: {job.client_id} ({job.mac}) deployed and restarted to "
-                  "production", file=out, flush=True)
+            print(f"{job.kind.command} done: {job.client_id} ({job.mac}) {job.kind.done} and "
+                  "restarted to production", file=out, flush=True)
             return 0
         if time.monotonic() > deadline:
             waiting = [names[t] for t in job.task_ids if not store.is_terminal(t)]
-            print(f"deploy not finished after {timeout:g} s: waiting for "
+            print(f"{job.kind.command} not finished after {timeout:g} s: waiting for "
                   f"{', '.join(waiting)} (has {job.client_id} PXE-booted into automation? "
                   "see `dsagent-server pxe servers` and the automation log)", file=out,
                   flush=True)
@@ -104,28 +127,34 @@ def follow(store: TaskStore, job: Job, timeout: float, out: TextIO = sys.stdout)
 
 
 def add_commands(sub, command) -> None:
-    """The ``deploy`` subcommand (``command`` is cli.py's parser maker)."""
-    p = command("deploy", "deploy an image to a listed computer from automation, then "
-                "restart it to production; follow it until done")
-    p.add_argument("--mac", required=True, help="the computer (listed: pxe add-computer)")
-    p.add_argument("--image", required=True, help="a capture image in the image store")
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"the disk to write, as the automation environment sees it "
-                        f"(default {DEFAULT_TARGET}; tokens allowed)")
-    p.add_argument("--config", help="the automation configuration it boots (default: the "
-                   "computer's, else the automation_config setting)")
-    p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                   help="stop following after S seconds (default 3600)")
-    p.add_argument("--no-wait", action="store_true", help="queue it and return")
-    p.set_defaults(func=cmd_deploy)
+    """The ``deploy`` and ``capture`` subcommands (``command`` is cli.py's parser maker)."""
+    for kind, help_, disk_help in (
+            (DEPLOY, "deploy an image to a listed computer from automation, then restart it "
+             "to production; follow it until done", "the disk to write"),
+            (CAPTURE, "capture a listed computer's disk into the image store from automation, "
+             "then restart it to production; follow it until done", "the disk to read")):
+        p = command(kind.command, help_)
+        p.add_argument("--mac", required=True, help="the computer (listed: pxe add-computer)")
+        p.add_argument("--image", required=True,
+                       help="a capture image in the image store" if kind is DEPLOY else
+                       "the name of the image made (a new version if it exists)")
+        p.add_argument(f"--{kind.disk_param}", dest="disk", default=DEFAULT_TARGET,
+                       help=f"{disk_help}, as the automation environment sees it "
+                            f"(default {DEFAULT_TARGET}; tokens allowed)")
+        p.add_argument("--config", help="the automation configuration it boots (default: "
+                       "the computer's, else the automation_config setting)")
+        p.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                       help="stop following after S seconds (default 3600)")
+        p.add_argument("--no-wait", action="store_true", help="queue it and return")
+        p.set_defaults(func=cmd_job, kind=kind)
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
+def cmd_job(args: argparse.Namespace) -> int:
     with TaskStore(args.db) as store:
-        job = start(store, args.mac, args.image, args.target, args.config)
+        job = start(store, args.mac, args.image, args.disk, args.config, args.kind)
         print(f"{job.client_id} ({job.mac}) set to automation on "
-              f"{len(job.pxe_servers)} PXE server(s); queued DeployImage {job.task_ids[0]}, "
-              f"Reboot {job.task_ids[1]}", flush=True)
+              f"{len(job.pxe_servers)} PXE server(s); queued {job.kind.task_type} "
+              f"{job.task_ids[0]}, Reboot {job.task_ids[1]}", flush=True)
         if args.no_wait:
             return 0
         return follow(store, job, args.timeout)

@@ -83,6 +83,38 @@ def test_registration_credentials_saved_private_and_used(tmp_path):
     assert config.credentials().client_id == "pc-9"
 
 
+@pytest.mark.parametrize("store, lent", [
+    ("https://ns.example:8443/images/", True),
+    ("https://NS.example:8443/images/", True),                 # host names are case-free
+    ("https://ns.example:8443", True),
+    ("https://ns.example/images/", False),                     # 443, not 8443
+    ("http://ns.example:8443/images/", False),                 # another scheme
+    ("https://ns.example.evil:8443/images/", False),
+    ("https://ns.example:8443@evil.example/images/", False),   # a user named ns.example
+    ("https://other:pw@ns.example:8443/images/", False),       # its own credentials kept
+    ("/srv/images", False),
+    ("https://ns.example:bad/images/", False),
+])
+def test_image_store_on_the_servers_origin_gets_the_agents_credentials(tmp_path, store, lent):
+    text = GOOD.format(state=tmp_path).replace('token      = "t"', 'token      = "t/k:n"') \
+        .replace('image_store   = "/srv/images"', f'image_store   = "{store}"')
+    got = load_config(write(tmp_path, text)).handlers["image_store"]
+    if lent:
+        scheme, rest = store.split("://", 1)
+        assert got == f"{scheme}://pc-0042:t%2Fk%3An@{rest}"
+    else:
+        assert got == store
+
+
+def test_no_credentials_yet_lends_nothing(tmp_path):
+    text = GOOD.format(state=tmp_path).replace('token      = "t"\n', "").replace(
+        'image_store   = "/srv/images"', 'image_store   = "https://ns.example:8443/images/"')
+    config = load_config(write(tmp_path, text))
+    assert config.handlers["image_store"] == "https://ns.example:8443/images/"
+    config.save_credentials("pc-9", "tok", "abcd")         # registered (automation: each boot)
+    assert config.handlers["image_store"] == "https://pc-9:tok@ns.example:8443/images/"
+
+
 toml_values = st.one_of(st.integers(), st.text(max_size=10), st.booleans(), st.floats(allow_nan=False))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from taskserver.deploy import follow, start
+from taskserver.deploy import CAPTURE, follow, start
 from taskserver.pxe import PXEStore
 from taskserver.store import InvalidRequest, TaskStore
 
@@ -35,7 +35,7 @@ def test_deploy_sets_automation_and_queues_deploy_then_reboot_for_the_listed_com
     pxe = PXEStore(store)
     pxe.startup("site-1")                               # a registered PXE server
     pxe.add_computer(MAC, "ignore", name="pc-0042", config="auto64")
-    job = start(store, MAC, "gold-%COMPNAME%", target="/dev/vda")
+    job = start(store, MAC, "gold-%COMPNAME%", "/dev/vda")
     assert job.client_id == "pc-0042" and job.pxe_servers == ["site-1"]
     assert pxe.computer(MAC).action == "automation"
     tasks = store.pending_tasks("pc-0042")              # queued before it ever registered
@@ -43,6 +43,28 @@ def test_deploy_sets_automation_and_queues_deploy_then_reboot_for_the_listed_com
         ("DeployImage", {"image": "gold-pc-0042", "target": "/dev/vda"}),
         ("Reboot", {"to": "production"})]
     assert [t["type"] for t in store.pending_tasks("site-1")] == ["UpdateSBSInfo"] * 2
+
+
+def test_capture_queues_create_image_of_the_source_then_reboot(tmp_path, store):
+    pxe = PXEStore(store)
+    pxe.add_computer(MAC, "ignore", name="pc-0042", config="auto64")
+    store.close()
+    done = subprocess.run([sys.executable, "-m", "taskserver", "capture", "--db",
+                           str(tmp_path / "ns.db"), "--mac", MAC, "--image", "%COMPNAME%-golden",
+                           "--source", "/dev/sda", "--no-wait"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "queued CreateImage" in done.stdout, done.stdout
+    with TaskStore(str(tmp_path / "ns.db")) as s:
+        assert [(t["type"], t["params"]) for t in s.pending_tasks("pc-0042")] == [
+            ("CreateImage", {"image": "pc-0042-golden", "source": "/dev/sda"}),
+            ("Reboot", {"to": "production"})]
+        assert PXEStore(s).computer(MAC).action == "automation"
+        job = start(s, MAC, "other", "/dev/vdb", kind=CAPTURE)
+        out = io.StringIO()
+        assert follow(s, job, timeout=0.1, out=out) == 1
+        assert "capture not finished after 0.1 s: waiting for CreateImage, Reboot" \
+            in out.getvalue()
 
 
 def test_an_unlisted_computer_or_no_configuration_is_refused(store):

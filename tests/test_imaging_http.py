@@ -431,6 +431,41 @@ def test_run_task_with_an_http_image_store(tmp_path, refserver):
     e2fsck_clean(target)
 
 
+def test_an_agent_lends_its_credentials_to_a_store_on_its_servers_origin_only(tmp_path,
+                                                                            refserver):
+    """An automation environment has no store credentials of its own: an
+    image_store on the task server's origin, without user:password, is used
+    with the agent's id and token (agent/common/config.py lend_credentials);
+    a store elsewhere never gets them."""
+    server, write_url, read_url = refserver
+    token = write_url.split("imager:", 1)[1].split("@", 1)[0]
+    disk = make_ext4(tmp_path / "disk.img", 16, make_tree(tmp_path / "tree"))
+    port = server.url.rsplit(":", 1)[1]
+
+    def create(server_url: str, tag: str) -> dict:
+        config = tmp_path / f"agent-{tag}.toml"
+        config.write_text(f'[agent]\nserver_url = "{server_url}"\nstate_dir = "{tmp_path}"\n'
+                          f'client_id = "imager"\ntoken = "{token}"\ntickle_key = "{"00" * 32}"\n'
+                          f'[handlers]\nimage_store = "{read_url}"\n')
+        config.chmod(0o600)
+        xml = tmp_path / f"{tag}.xml"
+        xml.write_text(f'<ClientTasks><Task id="{uuid.uuid4()}" type="CreateImage"><Parameters>'
+                       f'<Parameter name="source">{disk}</Parameter><Parameter name="image">'
+                       f'{tag}</Parameter></Parameters></Task></ClientTasks>')
+        done = subprocess.run([sys.executable, "-m", "agent", "run-task", str(xml), "--json",
+                               "--config", str(config)], capture_output=True, text=True,
+                              timeout=120)
+        assert token not in done.stdout + done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()][-1]
+
+    lent = create(server.url, "lent")
+    assert lent["state"] == "succeeded", lent
+    assert ("PUT", "/images/lent/current", None) in server.images.requests
+    elsewhere = create(f"http://localhost:{port}", "elsewhere")     # another origin's server
+    assert elsewhere["state"] == "failed", elsewhere
+    assert "HTTP 401" in elsewhere["message"] and "wants credentials" in elsewhere["message"]
+
+
 def test_doctor_checks_an_http_store(refserver):
     from handlers.imaging.plugin import check_image_store
 

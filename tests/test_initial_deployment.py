@@ -10,7 +10,9 @@ disk in the store. Then ``dsagent-server deploy`` and a bare QEMU computer
 (TCG, BIOS, iPXE ROM, a blank virtio disk): it PXE-boots automation, its
 agent registers as pc-0042, deploys ``gold`` onto /dev/vda and restarts to
 production; judged from outside (e2fsck, debugfs, the server's statuses, the
-PXE answer, a second boot that goes to the disk). Then the faults: an
+PXE answer, a second boot that goes to the disk). Then ``dsagent-server
+capture``: the same computer captures its disk from automation to the HTTP
+store, and that image deploys elsewhere byte-identical. Then the faults: an
 unknown computer refused, the task server unreachable at boot.
 
 One lab, one task server, one site server and one VM disk for the whole file
@@ -21,6 +23,7 @@ when a tool is missing. Timings are printed (``pytest -s``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -30,6 +33,8 @@ import pytest
 
 from deploylab import (BASE, CONFIG, COMPUTER, DISK_MB, IMAGE, MAC, SOURCE_MB, URL,
                        Deployment, e2fsck, files_of, ipxe_name, sha256_of)
+from handlers.imaging.deploy import deploy
+from handlers.imaging.store import open_store
 from taskserver.automation import attempts
 
 UNKNOWN = "52:54:00:00:0d:99"          # on no list
@@ -172,6 +177,55 @@ def test_a_bare_computer_is_deployed_from_automation_then_boots_its_disk(site):
     print(f"production boot: 'Booting from Hard Disk' after {at:.1f} s")
 
 
+def test_the_same_computer_captures_its_disk_from_automation_and_it_deploys_elsewhere(site):
+    """``dsagent-server capture``: pc-0042 boots automation again, registers (a new
+    token), captures /dev/vda into the server's HTTP store with the credentials
+    the registration gave it (no store credentials are baked into the base:
+    agent/common/config.py lend_credentials) and restarts to production. The
+    image made deploys onto another disk byte for byte what pc-0042's disk is."""
+    store, disk = site.store, site.workdir / "pc-0042.raw"
+    assert disk.exists(), "needs the disk the first test deployed"
+    disk_before = sha256_of(disk)
+    job = site.server_command("capture", "--mac", MAC, "--image", "%COMPNAME%-captured",
+                              "--source", "/dev/vda", "--timeout", "400")
+    line = job.wait_for(r"set to automation on \d+ PXE server\(s\); queued CreateImage", 60)
+    create_id, reboot_id = re.search(r"queued CreateImage (\S+), Reboot (\S+)", line).groups()
+    site.wait_script(MAC, f"chain /{CONFIG}/current/boot.ipxe")
+    vm = site.vm(MAC, disk, "capture")
+    try:
+        vm.wait_for(REGISTERED, 120, "the registration")
+        vm.wait_exit(300)                      # the Reboot: QEMU ends (-no-reboot)
+    finally:
+        vm.stop()
+    assert job.proc.wait(30) == 0, job.output()
+    assert f"capture done: {COMPUTER} ({MAC}) captured and restarted to production" \
+        in job.output(), job.output()
+    site.timings.phases["VM: capture from automation → rebooted"] = vm.exited_after
+    print(f"\ncapture from automation: QEMU exited {vm.exited_after:.1f} s after its start")
+
+    made, reb = store.events(create_id), store.events(reboot_id)
+    assert states(made)[:2] == ["received", "running"] and states(made)[-1] == "succeeded", made
+    assert states(reb) == ["received", "running", "succeeded"], reb
+    assert made[-1]["at"] <= reb[1]["at"]
+    name = f"{COMPUTER}-captured"                         # the token replaced
+    version = made[-1]["details"]["version"]
+    puts = [path for method, path, _ in site.server.images.requests if method == "PUT"]
+    assert puts[-1] == f"/images/{name}/current" and \
+        f"/images/{name}/{version}/meta.json" in puts, puts
+    assert (site.images / name / "current").read_text().strip() == version
+    assert site.console.computer(MAC).action == "production"
+    assert sha256_of(disk) == disk_before                 # a capture only reads
+
+    # elsewhere: a disk of random bytes, the same size, gets the image over HTTP
+    other = site.workdir / "elsewhere.raw"
+    other.write_bytes(os.urandom(DISK_MB * 2**20))
+    with site.lab.inside():
+        done = deploy(open_store(f"{URL}/images/"), name, "capture", str(other),
+                      lambda *a, **k: None, lambda: False)
+    assert done["version"] == version
+    assert sha256_of(other) == disk_before, "the deployed copy differs from pc-0042's disk"
+
+
 # ---- faults ------------------------------------------------------------------------
 
 def test_an_unknown_computer_is_refused_on_its_console_and_in_the_automation_log(site):
@@ -217,12 +271,7 @@ def test_the_task_server_unreachable_at_boot_the_computer_retries_then_registers
     boots: the site server still answers from its saved state, the computer's
     console says the server is not reachable and that the agent retries; the
     server comes back, the computer registers and runs its tasks (a RunScript
-    reading its disk, then a Reboot).
-
-    (Issue #13's capture from automation is not here: the automation base's
-    image_store carries no credentials and the reference server takes PUT only
-    with an enrolled client's id:token (docs/image-store-http.md), so such a
-    capture is refused with 401; see docs/automation-base.md.)"""
+    reading its disk, then a Reboot)."""
     store, disk = site.store, site.workdir / "pc-0042.raw"
     assert disk.exists(), "needs the disk the first test deployed"
     site.server_cli("pxe", "set-action", "--mac", MAC, "--action", "automation")

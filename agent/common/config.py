@@ -25,6 +25,12 @@ Extensions to §6 (documented in docs/config.md):
   Interface reads); ``tftp_root`` defaults to ``[handlers] preboot_store``.
 - ``[trace] listen``: the remote trace stream (the seed's Remote Trace), off
   when empty; see agent/tools/trace.py.
+- ``[handlers] image_store`` on the task server's own origin (same scheme,
+  host and port as ``server_url``) and without user:password in it is handed
+  to handlers with the agent's client id and token as its user:password
+  (``Config.handlers``): that server already receives the token on every
+  call, and an automation environment has no other credential to capture
+  with (docs/image-store-http.md, SECURITY.md).
 Credentials obtained by registration are kept in ``<state_dir>/credentials.json``
 (mode 0600) and used when the config itself has no token.
 """
@@ -38,6 +44,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from agent.common.errors import ConfigError
 
@@ -105,9 +112,31 @@ class Config:
     @property
     def handlers(self) -> dict[str, Any]:
         """The [handlers] section with defaults filled in (what handlers see),
-        and each ``[handlers.<plugin>]`` table of plugin settings as is."""
-        return {**self.plugin_settings,
-                **{key: self.get("handlers", key) for key in SCHEMA["handlers"]}}
+        and each ``[handlers.<plugin>]`` table of plugin settings as is; URLs on
+        the task server's origin carry the agent's credentials (lend_credentials)."""
+        values = {key: self.get("handlers", key) for key in SCHEMA["handlers"]}
+        for key in LENT_TO_SERVER_ORIGIN:
+            if values.get(key):
+                values[key] = self.lend_credentials(values[key])
+        return {**self.plugin_settings, **values}
+
+    def lend_credentials(self, url: str) -> str:
+        """``url`` with ``client_id:token`` as its user:password when it is on the
+        task server's origin and names no user itself; else ``url`` unchanged
+        (another origin never sees the token; no credentials yet: unchanged)."""
+        if not same_origin(url, self.get("agent", "server_url") or ""):
+            return url
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            return url
+        try:
+            creds = self.credentials()
+        except ConfigError:
+            return url
+        if creds is None:
+            return url
+        userinfo = f"{quote(creds.client_id, safe='')}:{quote(creds.token, safe='')}@"
+        return urlunsplit(parts._replace(netloc=userinfo + parts.netloc))
 
     @property
     def plugin_settings(self) -> dict[str, dict[str, Any]]:
@@ -271,6 +300,21 @@ def _check_values(config: Config) -> None:
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
+
+
+LENT_TO_SERVER_ORIGIN = ("image_store",)   # [handlers] URLs given the agent's credentials
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two http(s) URLs have the same scheme, host and port (RFC 6454)."""
+    try:
+        a, b = urlsplit(url), urlsplit(other)
+        ports = [p.port or DEFAULT_PORTS.get(p.scheme.lower()) for p in (a, b)]
+    except ValueError:                       # a port that is no number
+        return False
+    return (a.scheme.lower() in DEFAULT_PORTS and a.scheme.lower() == b.scheme.lower()
+            and bool(a.hostname) and a.hostname == b.hostname and ports[0] == ports[1])
 
 
 AGENT_MODES = ("managed", "automation")
