@@ -12,15 +12,15 @@ Command line: ``dsagent-server`` / ``python -m taskserver`` (see taskserver.cli)
 """
 
 from taskserver.app import TaskServer, TickleFailed, tickle_client
-from taskserver.store import (
+from taskserver.checks import (
     STATES,
     TERMINAL_STATES,
     InvalidRequest,
     RegistrationRefused,
     StoreError,
-    TaskStore,
     UnknownClient,
 )
+from taskserver.store import TaskStore
 
 __all__ = [
     "STATES", "TERMINAL_STATES", "InvalidRequest", "RegistrationRefused", "StoreError",

@@ -56,7 +56,8 @@ from agent.common.tickle import send_tickle
 
 from taskserver.imagestore import ImageStoreHTTP
 from taskserver.pxe import PXEStore
-from taskserver.store import InvalidRequest, RegistrationRefused, TaskStore, parse_hostport
+from taskserver.checks import InvalidRequest, RegistrationRefused, parse_hostport
+from taskserver.store import TaskStore
 
 log = logging.getLogger("taskserver")
 

@@ -65,8 +65,9 @@ from typing import Any, Iterable, Mapping
 from taskserver.pxe import (MANAGED, MAC_RE, PREDEFINED, Computer, PXEStore, Sent,
                             ensure_schema as ensure_pxe_schema, normalise_mac,
                             record_rebuilt_image)
-from taskserver.store import (UUID_RE, InvalidRequest, RegistrationRefused, TaskStore,
-                              parse_hostport, sanitize_client_id, utc_now, valid_client_id)
+from taskserver.checks import (UUID_RE, InvalidRequest, RegistrationRefused, parse_hostport,
+                               sanitize_client_id, utc_now, valid_client_id)
+from taskserver.store import TaskStore
 
 log = logging.getLogger("taskserver.automation")
 

@@ -57,7 +57,8 @@ from taskserver.basecli import add_commands as add_base_commands
 from taskserver.deploy import add_commands as add_deploy_commands
 from taskserver.pxecli import add_pxe_commands
 from taskserver.tokens import expand, facts_of
-from taskserver.store import TERMINAL_STATES, TaskStore, parse_hostport
+from taskserver.checks import TERMINAL_STATES, parse_hostport
+from taskserver.store import TaskStore
 
 PROG = "dsagent-server"
 

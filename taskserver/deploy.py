@@ -31,7 +31,8 @@ from typing import TextIO
 from taskserver.app import tickle_clients
 from taskserver.automation import computer_client_id
 from taskserver.pxe import PXEStore, normalise_mac
-from taskserver.store import InvalidRequest, TaskStore
+from taskserver.checks import InvalidRequest
+from taskserver.store import TaskStore
 from taskserver.tokens import expand, facts_of
 
 DEFAULT_TARGET = "/dev/vda"

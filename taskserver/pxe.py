@@ -39,8 +39,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 from xml.sax.saxutils import escape, quoteattr
 
-from taskserver.store import (XML_INVALID_RE, InvalidRequest, StoreError, TaskStore,
-                              _check_rfc3339, _check_task_fields, utc_now)
+from taskserver.checks import (XML_INVALID_RE, InvalidRequest, StoreError, check_rfc3339,
+                               check_task_fields, utc_now)
+from taskserver.store import TaskStore
 
 log = logging.getLogger("taskserver.pxe")
 
@@ -479,7 +480,7 @@ class PXEStore:
             params = {"kind": kind, "payload": payload}
             if self.confirm_s is not None:
                 params["confirm_s"] = f"{self.confirm_s:g}"
-            checked.append(_check_task_fields(TASK_TYPE, params, None, None))
+            checked.append(check_task_fields(TASK_TYPE, params, None, None))
         for client_id in servers:
             fresh = [(t, p, timeout, str(uuid.uuid4())) for t, p, timeout, _ in checked]
             sent.tasks[client_id] = self.store._insert_tasks(client_id, fresh, conn)
@@ -522,7 +523,7 @@ def check_state(state: Any) -> None:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
     def stamp(value) -> bool:
-        return isinstance(value, str) and _check_rfc3339(value)
+        return isinstance(value, str) and check_rfc3339(value)
 
     check("serving", lambda v: isinstance(v, bool), "true or false")
     check("reason", lambda v: isinstance(v, str), "a string")

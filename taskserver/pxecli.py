@@ -37,7 +37,8 @@ from agent.common.errors import DsagentError
 from taskserver.app import tickle_clients
 from taskserver.pxe import (ACTIONS, LISTS, SETTINGS, TASK_TYPE, Computer, PXEStore, Sent,
                             check_config, check_name, check_setting, check_version, normalise_mac)
-from taskserver.store import InvalidRequest, TaskStore
+from taskserver.checks import InvalidRequest
+from taskserver.store import TaskStore
 
 PROG = "dsagent-server"
 CSV_COLUMNS = ("mac", "name", "action", "config")

@@ -26,7 +26,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from taskserver.store import InvalidRequest
+from taskserver.checks import InvalidRequest
 
 TOKEN_RE = re.compile(r"%([A-Za-z0-9_]*)%")
 TOKENS = ("COMPNAME", "ID", "MAC", "SERIALNUMBER", "IMAGE")

@@ -27,7 +27,7 @@ from taskserver import TaskServer, TaskStore
 from taskserver import automation
 from taskserver.cli import build_parser
 from taskserver.pxe import PXEStore
-from taskserver.store import InvalidRequest, UnknownClient
+from taskserver.checks import InvalidRequest, UnknownClient
 
 MAC_A, MAC_B, MAC_C = "52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"
 SMBIOS = "4c4c4544-0042-3510-8052-b4c04f4b4c31"

@@ -11,7 +11,8 @@ import pytest
 
 from taskserver.deploy import CAPTURE, follow, start
 from taskserver.pxe import PXEStore
-from taskserver.store import InvalidRequest, TaskStore
+from taskserver.checks import InvalidRequest
+from taskserver.store import TaskStore
 
 REPO = Path(__file__).resolve().parent.parent
 MAC = "52:54:00:12:34:56"

@@ -23,7 +23,7 @@ import xmltodict
 from agent.common.config import load_config
 from conftest import TickleListener
 from taskserver import TaskStore, TickleFailed
-from taskserver.store import InvalidRequest, RegistrationRefused
+from taskserver.checks import InvalidRequest, RegistrationRefused
 
 ROOT = Path(__file__).resolve().parents[1]
 ENROLL_KEY = "let-me-in"

@@ -4,7 +4,7 @@ an unknown one refused by name."""
 import pytest
 from hypothesis import given, strategies as st
 
-from taskserver.store import InvalidRequest
+from taskserver.checks import InvalidRequest
 from taskserver.tokens import TOKENS, expand, facts_of
 
 CLIENT = {"name": "pc-0042", "macs": ["52:54:00:AA:BB:01", "52:54:00:aa:bb:02"],
