@@ -51,6 +51,16 @@ def requeue(conn: sqlite3.Connection, event_id: str, task_id: str, body: str) ->
     return cur.rowcount == 1
 
 
+def events_waiting(conn: sqlite3.Connection, event_ids: list[str]) -> int:
+    """How many of ``event_ids`` the server has not accepted yet."""
+    count = 0
+    for start in range(0, len(event_ids), 500):       # SQLite's variable limit
+        chunk = event_ids[start:start + 500]
+        count += conn.execute(f"SELECT COUNT(*) FROM outbox WHERE event_id IN "
+                              f"({','.join('?' * len(chunk))})", chunk).fetchone()[0]
+    return count
+
+
 def tasks_waiting(conn: sqlite3.Connection) -> set[str]:
     """Tasks with an event still waiting (the CTA must not forget them yet)."""
     return {tid for (tid,) in conn.execute("SELECT DISTINCT task_id FROM outbox")}

@@ -3,8 +3,13 @@
 Sleeps until the CTA signals a new event (no polling delay on the hot path;
 a 30 s safety-net wake covers a lost signal), uploads batches in order,
 deletes only the ids the server accepted, and on failure backs off
-exponentially with full jitter (0.5 s doubling to 60 s) so a server outage
-sees a trickle of retries, not a storm.
+exponentially with full jitter (a delay drawn from [0, b], b 0.5 s doubling
+to 60 s) so a server outage sees a trickle of retries, not a storm. A 503 or
+429 with ``Retry-After: S`` is obeyed: no post for S seconds plus up to 10 %
+(PROTOCOL.md §3). The CTA's "server back" signal (a pull succeeded after
+failed ones) cuts short only a back-off for an unreachable server, never one
+the server asked for or one after an answer of the status endpoint itself:
+a working pull says nothing about ``/status``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 
 from agent.common.config import Config
-from agent.common.errors import AuthError, DsagentError, ServerError
+from agent.common.errors import AuthError, DsagentError, ServerBusy, ServerError
 from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.notify import SERVER_BACK, Notifier, NotifyListener
@@ -33,6 +38,14 @@ SAFETY_NET_S = 30.0
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 60.0
 REFUSED_RETRY_S = 300.0   # an event the server did not accept is offered again this late
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The post never got an answer (the server is down or cut off), as opposed
+    to an answer refusing it: only then may a working pull end the back-off."""
+    from agent.common.serverapi import failure_kind
+
+    return isinstance(exc, ServerError) and failure_kind(exc) in ("unreachable", "timeout")
 
 
 class Uploader:
@@ -65,14 +78,15 @@ class Uploader:
             self._api = ServerAPI(self.server_url, self.creds.client_id, self.creds.token)
         return self._api
 
-    def _back_off(self, delay: float) -> None:
-        """Sleep ``delay`` s, unless the CTA says the server is back (or we stop).
+    def _back_off(self, delay: float, cut_short: bool) -> None:
+        """Sleep ``delay`` s, unless ``cut_short`` and the CTA says the server is
+        back (or we stop).
 
         New-event notifications do not end it: during an outage they would
         make a hot retry loop."""
         deadline = time.monotonic() + delay
         while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
-            if SERVER_BACK in self.listener.wait(left):
+            if SERVER_BACK in self.listener.wait(left) and cut_short:
                 log.info("the CTA reached the server again: uploading now")
                 return
 
@@ -117,16 +131,21 @@ class Uploader:
                 self.backoff = 0.0
             except (ServerError, OSError, sqlite3.Error) as exc:
                 self.backoff = min(max(self.backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S)
-                delay = random.uniform(self.backoff / 2, self.backoff)
+                after = exc.retry_after if isinstance(exc, ServerBusy) else None
+                if after is not None:
+                    delay = after + random.uniform(0, max(1.0, 0.1 * after))
+                else:
+                    delay = random.uniform(0, self.backoff)
                 depth = self.outbox.depth()
                 what = ("token refused" if isinstance(exc, AuthError) else
                         "cannot update the outbox (uploaded events will be sent again)"
                         if isinstance(exc, sqlite3.Error) else "upload failed")
-                log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s",
-                          what, exc, depth.waiting, depth.oldest_s or 0, delay)
+                log.error("%s: %s; %d event(s) waiting (oldest %.0f s); retry in %.1f s%s",
+                          what, exc, depth.waiting, depth.oldest_s or 0, delay,
+                          " (as the server asked)" if after is not None else "")
                 self.status.update(last_upload_error={"at": time.time(),
                                                       "message": f"{what}: {exc}"})
-                self._back_off(delay)
+                self._back_off(delay, cut_short=after is None and unreachable(exc))
                 continue
             if self.outbox.depth().waiting > self.outbox.depth_of(set(self.held)):
                 continue

@@ -8,7 +8,8 @@ body) cost a delayed-ACK round trip, ~44 ms per request instead of ~0.5 ms.
 Endpoints::
 
     POST /api/v1/register                 201 {client_id, token, tickle_key, poll_interval_s}
-    GET  /api/v1/clients/{id}/tasks       200 application/xml <ClientTasks>
+    GET  /api/v1/clients/{id}/tasks       200 application/xml <ClientTasks>; ?limit=N&max_bytes=B
+                                          pages it (§3 v1.1: taskserver/paging.py)
     POST /api/v1/clients/{id}/status      200 {"accepted": [...]}
     GET  /api/v1/clients/{id}/pxe/startup 200 {"initial-config", "clients", "images",
                                               "predefined"}: the §7 XML documents (predefined
@@ -28,10 +29,14 @@ Content-Length, 413 body over ``max_body`` bytes. The PXE side (lists,
 settings, changes fanned out as UpdateSBSInfo tasks) is taskserver/pxe.py;
 ``tickle_clients`` tickles the PXE servers after a change.
 
+Load: over ``max_in_flight`` requests at once, an API request is answered 503
+with ``Retry-After`` (3-8 s, spread so the agents do not come back in step;
+§3 "Errors, load and back-off").
+
 For tests: ``request_counts(client_id)`` counts each client's requests by
-endpoint, and ``set_fault(503)`` makes the server answer every request with
-that status (still counting them) to simulate an outage; ``stop()`` and
-``start()`` again reopen the same port.
+endpoint, and ``set_fault(503, retry_after=5)`` makes the server answer every
+request (or those of some endpoints) with that status (still counting them)
+to simulate an outage; ``stop()`` and ``start()`` again reopen the same port.
 """
 
 from __future__ import annotations
@@ -44,17 +49,18 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.common.errors import DsagentError
-from agent.common.taskxml import render_client_tasks
 from agent.common.tickle import send_tickle
 
 from taskserver.imagestore import ImageStoreHTTP
+from taskserver.paging import page_parameters, render_page
 from taskserver.pxe import PXEStore
 from taskserver.checks import InvalidRequest, RegistrationRefused, parse_hostport
 from taskserver.store import TaskStore
@@ -68,6 +74,8 @@ CLIENT_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status|pxe/startup|
 METHODS = {"register": "POST", "tasks": "GET", "status": "POST", "pxe/startup": "GET",
            "pxe/state": "POST"}
 TICKLE_THREADS = 16
+MAX_IN_FLIGHT = 64
+SHED_RETRY_AFTER_S = (3, 8)
 
 
 class TickleFailed(DsagentError):
@@ -292,44 +300,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body()
             if body is None:
                 return
-            path = urlsplit(self.path).path
-            match = CLIENT_PATH_RE.fullmatch(path)
-            if path == "/api/v1/register":
-                client_id, endpoint = None, "register"
-            elif match:
-                client_id, endpoint = unquote(match.group(1)), match.group(2)
-            else:
-                self._error(404, f"no such endpoint: {path}")
-                return
-            method = METHODS[endpoint]
-            if app.fault is not None and (app.fault_endpoints is None
-                                          or endpoint in app.fault_endpoints):
-                if client_id:
-                    app.store.count_request(client_id, endpoint)
-                self._error(app.fault, "simulated outage")
-                return
-            if self.command != method:
-                self._error(405, f"{path} takes {method}, not {self.command}",
-                            [("Allow", method)])
-                return
-            if endpoint == "register":
-                self._register(body)
-                return
-            app.store.count_request(client_id, endpoint)
-            if not app.store.auth(client_id, self._bearer()):
-                self._error(401, "missing or invalid bearer token for this client",
-                            [("WWW-Authenticate", 'Bearer realm="dsagent"')])
-                return
-            if endpoint == "tasks":
-                xml = render_client_tasks(client_id, app.store.pending_tasks(client_id))
-                self._send(200, xml, "application/xml")
-            elif endpoint == "status":
-                self._status(client_id, body)
-            elif endpoint == "pxe/startup":
-                self._json(200, app.pxe.startup(client_id, app.poll_interval_s))
-            else:
-                app.pxe.record_state(client_id, self._parse_json(body), app.poll_interval_s)
-                self._send(204, b"", "application/json")
+            with app.admit() as admitted:
+                if admitted:
+                    self._api(body)
+                else:
+                    self._error(503, "the server is busy: try again later",
+                                [("Retry-After", str(random.randint(*SHED_RETRY_AFTER_S)))])
         except InvalidRequest as exc:
             self._error(400, str(exc))
         except (ConnectionError, TimeoutError):
@@ -341,6 +317,52 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(500, "internal server error (see the server log)")
             except OSError:
                 pass
+
+    def _api(self, body: bytes) -> None:
+        app = self.server.app
+        parts = urlsplit(self.path)
+        path = parts.path
+        match = CLIENT_PATH_RE.fullmatch(path)
+        if path == "/api/v1/register":
+            client_id, endpoint = None, "register"
+        elif match:
+            client_id, endpoint = unquote(match.group(1)), match.group(2)
+        else:
+            self._error(404, f"no such endpoint: {path}")
+            return
+        method = METHODS[endpoint]
+        if app.fault is not None and (app.fault_endpoints is None
+                                      or endpoint in app.fault_endpoints):
+            if client_id:
+                app.store.count_request(client_id, endpoint)
+            after = [] if app.fault_retry_after is None else [
+                ("Retry-After", str(app.fault_retry_after))]
+            self._error(app.fault, "simulated outage", after)
+            return
+        if self.command != method:
+            self._error(405, f"{path} takes {method}, not {self.command}",
+                        [("Allow", method)])
+            return
+        if endpoint == "register":
+            self._register(body)
+            return
+        app.store.count_request(client_id, endpoint)
+        if not app.store.auth(client_id, self._bearer()):
+            self._error(401, "missing or invalid bearer token for this client",
+                        [("WWW-Authenticate", 'Bearer realm="dsagent"')])
+            return
+        if endpoint == "tasks":
+            limit, max_bytes = page_parameters(parse_qs(parts.query))
+            xml, _ = render_page(client_id, lambda n: app.store.deliverable_tasks(client_id, n),
+                                 limit, max_bytes)
+            self._send(200, xml, "application/xml")
+        elif endpoint == "status":
+            self._status(client_id, body)
+        elif endpoint == "pxe/startup":
+            self._json(200, app.pxe.startup(client_id, app.poll_interval_s))
+        else:
+            app.pxe.record_state(client_id, self._parse_json(body), app.poll_interval_s)
+            self._send(204, b"", "application/json")
 
     def _register(self, body: bytes) -> None:
         app = self.server.app
@@ -373,7 +395,7 @@ class TaskServer:
     def __init__(self, store: TaskStore, host: str = "127.0.0.1", port: int = 0,
                  enrollment_key: str | None = None, poll_interval_s: int = 300,
                  *, verbose: bool = False, max_body: int = MAX_BODY,
-                 image_store: str | None = None):
+                 image_store: str | None = None, max_in_flight: int = MAX_IN_FLIGHT):
         self.store = store
         self.images = ImageStoreHTTP(image_store, store) if image_store else None
         self.pxe = PXEStore(store)
@@ -385,6 +407,11 @@ class TaskServer:
         self.max_body = max_body
         self.fault: int | None = None
         self.fault_endpoints: frozenset[str] | None = None
+        self.fault_retry_after: int | None = None
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.shed = 0                        # requests answered 503 for load
+        self._flight_lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -428,6 +455,22 @@ class TaskServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    @contextmanager
+    def admit(self) -> Iterator[bool]:
+        """Whether one more API request may be served now (else shed: 503)."""
+        with self._flight_lock:
+            admitted = self.in_flight < self.max_in_flight
+            if admitted:
+                self.in_flight += 1
+            else:
+                self.shed += 1
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                with self._flight_lock:
+                    self.in_flight -= 1
+
     def pxe_servers(self) -> list[dict]:
         """The PXE servers with their last state (taskserver.pxe.PXEStore.servers)."""
         return self.pxe.servers(self.poll_interval_s)
@@ -441,10 +484,13 @@ class TaskServer:
         (and pxe/startup, pxe/state once called)."""
         return self.store.request_counts(client_id)
 
-    def set_fault(self, status: int | None, endpoints: Iterable[str] | None = None) -> None:
-        """Answer every request (or those to ``endpoints``) with ``status``; None clears.
+    def set_fault(self, status: int | None, endpoints: Iterable[str] | None = None,
+                  retry_after: int | None = None) -> None:
+        """Answer every request (or those to ``endpoints``) with ``status``, with a
+        ``Retry-After`` header when given; None clears.
 
         Requests are still counted, so tests can measure retries during an outage.
         """
         self.fault_endpoints = None if endpoints is None else frozenset(endpoints)
+        self.fault_retry_after = retry_after
         self.fault = status

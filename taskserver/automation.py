@@ -318,12 +318,15 @@ INTERRUPTED = ("interrupted: the computer registered again in automation (it res
 
 
 def _close_interrupted(conn, client_id: str) -> None:
-    """End with ``failed`` each task of ``client_id`` the server saw started but not ended."""
+    """End with ``failed`` each task of ``client_id`` the server saw started but not
+    ended, and list again the ones it had only received: the memory that held
+    them is gone (store.py, "Delivery")."""
     rows = conn.execute(
         "SELECT t.task_id, MAX(e.seq), (SELECT state FROM events WHERE task_id = t.task_id "
         "ORDER BY seq DESC LIMIT 1) FROM tasks t JOIN events e ON e.task_id = t.task_id "
         "WHERE t.client_id = ? AND t.terminal_state IS NULL GROUP BY t.task_id "
-        "HAVING SUM(e.state IN ('running', 'progress')) > 0", (client_id,)).fetchall()
+        "HAVING SUM(CASE WHEN e.state IN ('running', 'progress') THEN 1 ELSE 0 END) > 0",
+        (client_id,)).fetchall()
     now = utc_now()
     for task_id, seq, state in rows:
         conn.execute("INSERT INTO events (event_id, task_id, seq, state, progress, message, "
@@ -334,6 +337,8 @@ def _close_interrupted(conn, client_id: str) -> None:
         conn.execute("UPDATE tasks SET terminal_state = 'failed' WHERE task_id = ?", (task_id,))
         log.warning("task %s of %s was %s when the computer registered again: reported "
                     "failed (interrupted)", task_id, client_id, state)
+    conn.execute("UPDATE tasks SET delivered = 0 WHERE client_id = ? AND terminal_state IS NULL",
+                 (client_id,))
 
 
 def placeholder_client(store: TaskStore, conn, client_id: str) -> bool:

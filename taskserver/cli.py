@@ -11,6 +11,7 @@
     dsagent-server capture --db FILE --mac MAC --image I [--source DEV] [--config C] [--no-wait]
     dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
                                      # the automation environment (docs/automation-base.md)
+    dsagent-server cancel  --db FILE (--task ID [--task ID ...] | --client ID)
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
@@ -288,6 +289,19 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    if bool(args.task) == bool(args.client):
+        raise CliError("give --task ID (repeatable) or --client ID (its queued tasks)")
+    with TaskStore(args.db) as store:
+        ids = args.task or [t["task_id"] for t in store.pending_tasks(args.client)]
+        outcome = store.cancel_tasks(ids)
+    for task_id, why in outcome.items():
+        print(f"{task_id}\t{'cancelled' if why is None else 'not cancelled: ' + why}")
+    if not outcome:
+        print(f"{PROG}: {args.client} has no queued task", file=sys.stderr)
+    return 0 if all(why is None for why in outcome.values()) else 1
+
+
 def cmd_tickle(args: argparse.Namespace) -> int:
     if args.addr:
         _hostport(args.addr, "--addr")
@@ -405,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, metavar="S", help="task timeout in seconds")
     p.add_argument("--tickle", action="store_true", help="tickle the client afterwards")
     p.set_defaults(func=cmd_queue)
+
+    p = command("cancel", "cancel queued tasks no agent has taken yet (they end `cancelled`)")
+    p.add_argument("--task", action="append", default=[], metavar="ID", help="repeatable")
+    p.add_argument("--client", metavar="ID", help="every queued task of this client")
+    p.set_defaults(func=cmd_cancel)
 
     p = command("tickle", "send a signed tickle to a client's objecthost; print its answer")
     p.add_argument("--client", required=True, metavar="ID")

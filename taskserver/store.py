@@ -6,7 +6,8 @@ Tables::
               agent_version, tickle_addr ("host:port" or NULL), registered_at
     tasks     seq (queue order), task_id (UUID), client_id, type, params (JSON
               object of strings, in order), timeout (or NULL), queued_at,
-              terminal_state (NULL while the task is pending)
+              terminal_state (NULL while the task is pending), delivered (1 once
+              any status of it is stored)
     events    event_id (PK), task_id, seq, state, progress, message,
               details (JSON), at, received_at
     request_counts  client_id, endpoint, count, last_at
@@ -21,6 +22,14 @@ Status semantics: events are deduplicated on ``event_id``; ``accepted`` lists
 every event id that is stored after the call (new or duplicate); a malformed
 event, or one for a task of another client, is not accepted and the reason is
 logged; a task is no longer listed once a terminal event for it is stored.
+
+Delivery: a pull lists a task until the agent has taken it: once any status
+of it is stored (the agent's outbox held it durably before sending it), it is
+not listed again, so the next page of a paged pull (§3, taskserver/paging.py)
+goes on after it; the agent asks for that page once this one's ``received``
+statuses are accepted. A GET has no side effect (``dsagent doctor`` pulls
+too). The schema is versioned (``PRAGMA user_version``, MIGRATIONS), so a database
+made by an older server is brought up to date when it is opened.
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ import secrets
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from taskserver.checks import (TERMINAL_STATES, InvalidRequest, RegistrationRefused,
-                               UnknownClient, check_task_fields, event_problem,
+                               StoreError, UnknownClient, check_task_fields, event_problem,
                                parse_task_document, sanitize_client_id, utc_now,
                                parse_hostport, valid_client_id)
 
@@ -91,6 +101,17 @@ CREATE TABLE IF NOT EXISTS request_counts (
 );
 """
 
+# user_version -> what brings a database from the version before up to it
+MIGRATIONS = {
+    1: SCHEMA,
+    2: """
+ALTER TABLE tasks ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;
+UPDATE tasks SET delivered = 1 WHERE task_id IN (SELECT task_id FROM events);
+CREATE INDEX IF NOT EXISTS tasks_deliverable ON tasks(client_id, seq)
+    WHERE terminal_state IS NULL AND delivered = 0;
+""",
+}
+
 
 class TaskStore:
     """Clients, tasks and status events in SQLite; safe to share between threads."""
@@ -110,9 +131,21 @@ class TaskStore:
                            f"synchronous = {synchronous.upper()}", "foreign_keys = ON"):
                 self._conn.execute(f"PRAGMA {pragma}")
             with self._write() as conn:
-                for statement in filter(str.strip, SCHEMA.split(";")):
-                    conn.execute(statement)
-                conn.execute("PRAGMA user_version = 1")
+                self._migrate(conn)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        latest = max(MIGRATIONS)
+        if version > latest:
+            raise StoreError(f"database schema version {version} is newer than this server's "
+                             f"({latest}): use a newer dsagent-server")
+        for number in range(version + 1, latest + 1):
+            for statement in filter(str.strip, MIGRATIONS[number].split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+            if version:
+                log.info("database schema migrated to version %d", number)
 
     # -- plumbing -----------------------------------------------------------
     @contextmanager
@@ -310,15 +343,54 @@ class TaskStore:
         data["params"] = json.loads(data["params"])
         return data
 
-    def pending_tasks(self, client_id: str) -> list[dict]:
-        """Tasks of ``client_id`` with no terminal event stored, oldest first.
+    def pending_tasks(self, client_id: str, limit: int | None = None) -> list[dict]:
+        """Tasks of ``client_id`` with no terminal event stored, oldest first
+        (the first ``limit`` of them, if given).
 
         Each: ``{task_id, type, params, timeout, queued_at}``.
         """
         rows = self._read(
             "SELECT task_id, type, params, timeout, queued_at FROM tasks "
-            "WHERE client_id = ? AND terminal_state IS NULL ORDER BY seq", (client_id,))
+            "WHERE client_id = ? AND terminal_state IS NULL ORDER BY seq LIMIT ?",
+            (client_id, -1 if limit is None else limit))
         return [self._task_dict(r) for r in rows]
+
+    def deliverable_tasks(self, client_id: str, limit: int) -> list[dict]:
+        """The first ``limit`` tasks a pull lists (module docstring: Delivery)."""
+        rows = self._read(
+            "SELECT task_id, type, params, timeout, queued_at FROM tasks WHERE client_id = ? "
+            "AND terminal_state IS NULL AND delivered = 0 ORDER BY seq LIMIT ?",
+            (client_id, limit))
+        return [self._task_dict(r) for r in rows]
+
+    def cancel_tasks(self, task_ids: Iterable[str]) -> dict[str, str | None]:
+        """Cancel queued tasks no agent has taken yet: each gets a ``cancelled``
+        status made by the server, so it is listed no more and its history says
+        why. ``{task_id: None if cancelled, else why not}``."""
+        outcome: dict[str, str | None] = {}
+        with self._write() as conn:
+            for task_id in dict.fromkeys(task_ids):
+                row = conn.execute("SELECT terminal_state, delivered FROM tasks WHERE task_id = ?",
+                                   (task_id,)).fetchone()
+                if row is None:
+                    outcome[task_id] = "no such task"
+                elif row["terminal_state"]:
+                    outcome[task_id] = f"it already ended ({row['terminal_state']})"
+                elif row["delivered"]:
+                    outcome[task_id] = ("the agent has taken it (a status of it is stored); "
+                                        "it cannot be called back")
+                else:
+                    now = utc_now()
+                    conn.execute(
+                        "INSERT INTO events (event_id, task_id, seq, state, progress, message, "
+                        "details, at, received_at) VALUES (?,?,1,'cancelled',NULL,?,?,?,?)",
+                        (str(uuid.uuid4()), task_id, "cancelled at the server before an agent "
+                         "took it", json.dumps({"by": "server"}), now, now))
+                    conn.execute("UPDATE tasks SET terminal_state = 'cancelled', delivered = 1 "
+                                 "WHERE task_id = ?", (task_id,))
+                    outcome[task_id] = None
+            self._changed.notify_all()
+        return outcome
 
     def task(self, task_id: str) -> dict | None:
         rows = self._read("SELECT task_id, client_id, type, params, timeout, queued_at, "
@@ -363,6 +435,8 @@ class TaskStore:
                                     "(stored: task %s seq %s %s); keeping the stored one",
                                     client_id, event["event_id"], *tuple(stored))
                 else:
+                    conn.execute("UPDATE tasks SET delivered = 1 WHERE task_id = ? AND "
+                                 "delivered = 0", (event["task_id"],))
                     first = event["state"] in TERMINAL_STATES and conn.execute(
                         "UPDATE tasks SET terminal_state = ? WHERE task_id = ? AND terminal_state "
                         "IS NULL", (event["state"], event["task_id"])).rowcount

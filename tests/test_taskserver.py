@@ -257,7 +257,10 @@ def test_malformed_events_not_accepted(http, store, caplog):
         assert resp.status_code == 400 and resp.json()["error"]
 
 
-def test_terminal_task_no_longer_listed(http, store):
+def test_a_task_is_listed_until_the_agent_has_taken_it(http, store):
+    """Listed on every pull until a status of it is stored (the agent's outbox
+    had it), then no more, so the next page goes on after it; pending until
+    its terminal status."""
     done = store.queue_task("pc-0042", "RunScript", {"script": "true"})
     waiting = store.queue_task("pc-0042", "RunScript", {"script": "sleep 1"})
 
@@ -267,10 +270,12 @@ def test_terminal_task_no_longer_listed(http, store):
         return [t["@id"] for t in (doc or {}).get("Task", [])]
 
     assert listed() == [done, waiting]
+    assert listed() == [done, waiting]                 # no status yet: listed again
     events = [event(done, 1, "received"), event(done, 2, "running")]
     http.post("/api/v1/clients/pc-0042/status", json={"events": events})
-    assert listed() == [done, waiting]                 # running: still listed
+    assert listed() == [waiting]                       # taken: the agent holds it
     assert store.wait_terminal([done], 0.05) is False
+    assert [t["task_id"] for t in store.pending_tasks("pc-0042")] == [done, waiting]
 
     waiter = {}
     thread = threading.Thread(target=lambda: waiter.setdefault(
@@ -281,7 +286,7 @@ def test_terminal_task_no_longer_listed(http, store):
                      json={"events": [final]}).json()["accepted"] == [final["event_id"]]
     thread.join(5)
     assert waiter == {"ok": True}
-    assert listed() == [waiting]
+    assert [t["task_id"] for t in store.pending_tasks("pc-0042")] == [waiting]
     history = store.history(client_id="pc-0042")
     assert [(h["task_id"], h["state"]) for h in history] == [(done, "succeeded"),
                                                              (waiting, "queued")]

@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
               "mode": (str, "managed"), "reboot_command": (list, None)},
     "objecthost": {"listen": (str, "0.0.0.0:50122")},
     "cta": {"listen": (str, "127.0.0.1:50124"), "poll_interval_s": (int, 300),
-            "max_concurrent_tasks": (int, 2)},
+            "max_concurrent_tasks": (int, 2), "pull_batch": (int, 100)},
     "handlers": {"sbs_dir": (str, None), "image_store": (str, None),
                  "package_store": (str, None), "preboot_store": (str, None),
                  "run_script": (bool, True), "sbs_wake_command": (str, None),
@@ -280,6 +280,8 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"{where}: [cta] poll_interval_s must be >= 1")
     if not 1 <= config.get("cta", "max_concurrent_tasks") <= 256:
         raise ConfigError(f"{where}: [cta] max_concurrent_tasks must be 1..256")
+    if not 1 <= config.get("cta", "pull_batch") <= 1000:
+        raise ConfigError(f"{where}: [cta] pull_batch must be 1..1000")
     if config.get("logging", "format") not in ("text", "json"):
         raise ConfigError(f"{where}: [logging] format must be \"text\" or \"json\"")
     if config.get("logging", "level").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

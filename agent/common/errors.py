@@ -12,7 +12,8 @@
     ├── SBSParseError        an SBS file is not a §7 document (agent.pxe.sbsdoc)
     ├── InterfaceError       a scan of the SBS folder could not finish (agent.pxe.interface)
     └── ServerError          the task server is unreachable or answered badly
-        └── AuthError        the server refused our token (401/403)
+        ├── AuthError        the server refused our token (401/403)
+        └── ServerBusy       503/429: .retry_after (seconds) if it said when to come back
 
 Lower-level errors (httpx, sqlite3, OSError, expat) are translated into these
 at one boundary per module, so callers handle dsagent errors only.
@@ -71,3 +72,13 @@ class ServerError(DsagentError):
 
 class AuthError(ServerError):
     """The task server refused our credentials (HTTP 401/403)."""
+
+
+class ServerBusy(ServerError):
+    """The task server shed the call (HTTP 503 or 429). ``retry_after``: the
+    seconds its ``Retry-After`` asked us to wait before calling that endpoint
+    again, or None (then back off exponentially, PROTOCOL.md §3)."""
+
+    def __init__(self, message: str, retry_after: float | None):
+        super().__init__(message)
+        self.retry_after = retry_after

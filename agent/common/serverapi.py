@@ -8,6 +8,7 @@ bodies capped before they are read into memory.
 
 from __future__ import annotations
 
+import email.utils
 import ipaddress
 import json
 import logging
@@ -23,7 +24,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from agent import __version__
-from agent.common.errors import AuthError, ServerError
+from agent.common.errors import AuthError, ServerBusy, ServerError
 
 log = logging.getLogger("dsagent.server")
 
@@ -33,6 +34,7 @@ PRODUCT_UUID = "/sys/class/dmi/id/product_uuid"     # SMBIOS system uuid; readab
 BOGUS_UUIDS = {"00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff",
                "03000200-0400-0500-0006-000700080009"}   # firmware placeholders, not unique
 IFF_LOOPBACK = 0x8
+MAX_RETRY_AFTER_S = 3600.0        # a Retry-After further out than this is taken as this
 MAX_PXE_STARTUP_BYTES = 64 * 1024 * 1024   # whole computer lists: ~100 bytes a computer
 PXE_STARTUP_KINDS = ("initial-config", "clients", "images", "predefined")
 
@@ -64,6 +66,23 @@ def failure_kind(exc: BaseException) -> str:
     if any(isinstance(e, (httpx.ConnectError, httpx.NetworkError, OSError)) for e in chain):
         return "unreachable"
     return "answer"
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delay-seconds or an HTTP date,
+    RFC 9110 §10.2.3), capped at MAX_RETRY_AFTER_S; None if absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER_S)
 
 
 class RegistrationRefused(AuthError):
@@ -136,6 +155,10 @@ class ServerAPI:
             raise RegistrationRefused(f"{where}: refused (HTTP {status}): {reason}", reason, status)
         if status in (401, 403):
             raise AuthError(f"{where}: server refused our credentials (HTTP {status})")
+        if status in (429, 503):
+            after = retry_after(response.headers.get("retry-after"))
+            raise ServerBusy(f"{where}: HTTP {status} (server busy)"
+                             + (f", Retry-After {after:g} s" if after is not None else ""), after)
         if 300 <= status < 400:
             raise ServerError(f"{where}: redirected to {response.headers.get('location')!r}; "
                               "not followed")
@@ -143,9 +166,11 @@ class ServerAPI:
             raise ServerError(f"{where}: HTTP {status}: {bytes(body[:200])!r}")
         return response, bytes(body)
 
-    def get_tasks(self, limit: int) -> bytes:
-        """The pending-tasks document, at most ``limit`` bytes (parsing is taskxml's job)."""
-        response, body = self._request("GET", self._path("tasks"), limit, headers=self._auth())
+    def get_tasks(self, max_bytes: int, batch: int = 100) -> bytes:
+        """One page of the pending-tasks document: at most ``batch`` tasks in at most
+        ``max_bytes`` bytes (§3 paging; parsing is taskxml's job)."""
+        response, body = self._request("GET", self._path("tasks"), max_bytes, headers=self._auth(),
+                                       params={"limit": batch, "max_bytes": max_bytes})
         ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ("application/xml", "text/xml"):
             raise ServerError(f"GET tasks: content type {ctype or 'none'!r}, expected application/xml")

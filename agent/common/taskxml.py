@@ -10,6 +10,11 @@ Outcomes, as §3 says:
 - a Task whose id is readable but which is otherwise bad -> ``rejected``
   (it goes received -> failed with the message);
 - a Task with no readable id -> ``skipped`` (logged only).
+
+Paging (v1.1): ``more="true"`` on ``ClientTasks`` sets ``ParsedDocument.more``
+(the agent pulls again at once); a ``<Task … oversize="BYTES"/>`` the server
+left out of the page because it alone would pass the agent's ``max_bytes``
+is ``rejected`` with its size and the limit, so it goes received -> failed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ MAX_DEPTH = 6            # ClientTasks/Task/Parameters/Parameter + slack
 MAX_TIMEOUT_S = 30 * 24 * 3600
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
-TASK_ATTRS = {"@id", "@type", "@timeout"}
+TASK_ATTRS = {"@id", "@type", "@timeout", "@oversize"}
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ParsedDocument:
     tasks: list[Task] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)    # log messages
+    more: bool = False       # the server left tasks out of this page: pull again at once
 
 
 class _Refuse(Exception):
@@ -69,15 +75,21 @@ def parse_client_tasks(data: bytes | str, client_id: str | None = None,
         raise TaskDocumentError(f"document is addressed to client '{addressed}', we are '{client_id}'")
     result = ParsedDocument()
     for key in root:
-        if key not in ("Task", "@client", "#text"):
+        if key not in ("Task", "@client", "@more", "#text"):
             result.skipped.append(f"ignored unexpected <ClientTasks> content '{key}'")
+    more = root.get("@more")
+    result.more = more == "true"
+    if more not in (None, "true", "false"):
+        result.skipped.append(f"<ClientTasks more={more!r}> is neither \"true\" nor \"false\"; "
+                              "taken as false (the next poll or tickle pulls the rest)")
     seen: set[str] = set()
     for index, node in enumerate(root.get("Task") or [], start=1):
-        _parse_task(node, index, seen, result)
+        _parse_task(node, index, seen, result, max_bytes)
     return result
 
 
-def _parse_task(node, index: int, seen: set[str], result: ParsedDocument) -> None:
+def _parse_task(node, index: int, seen: set[str], result: ParsedDocument,
+                max_bytes: int) -> None:
     if not isinstance(node, dict):
         node = {"#text": node or ""}
     task_id = node.get("@id")
@@ -101,12 +113,24 @@ def _parse_task(node, index: int, seen: set[str], result: ParsedDocument) -> Non
                 raise _Refuse(f"unexpected element <{key}> in <Task>")
         if str(node.get("#text") or "").strip():
             raise _Refuse("<Task> holds text outside <Parameters>")
+        if node.get("@oversize") is not None:
+            raise _Refuse(_oversize(node["@oversize"], max_bytes))
         timeout = _parse_timeout(node.get("@timeout"))
         parameters = _parse_parameters(node.get("Parameters") or [])
     except _Refuse as exc:
         result.rejected.append(Rejected(task_id, type_name, str(exc)))
         return
     result.tasks.append(Task(task_id, type_name, parameters, timeout))
+
+
+def _oversize(raw: str, max_bytes: int) -> str:
+    """The failure message of a task the server left out for its size (§3 paging)."""
+    size = raw.strip()
+    if not (size.isascii() and size.isdigit()):
+        return f"the server left this task out as oversize, with a size {raw!r:.40} that is no number"
+    return (f"the task is {int(size):,} bytes, over the {max_bytes:,} bytes this agent takes "
+            "in one pull; the server left it out (split its parameters, or pass the "
+            "payload by reference)")
 
 
 def _parse_timeout(raw: str | None) -> int | None:
@@ -163,22 +187,38 @@ def xml_attr(value: str) -> str:
     return value.translate(_ATTR_ESCAPES)
 
 
-def render_client_tasks(client_id: str, tasks: Iterable[dict]) -> bytes:
-    """The §3 ``<ClientTasks>`` document (UTF-8) for rows of ``task_id``,
-    ``type``, ``timeout`` (or None) and ``params`` (the task server's pending tasks).
+def render_task(task: dict) -> bytes:
+    """One ``<Task>`` element (UTF-8) for a row of ``task_id``, ``type``,
+    ``timeout`` (or None) and ``params``; with ``oversize`` (bytes) set, the
+    §3 paging stand-in without its parameters."""
+    out = [f'<Task id="{xml_attr(task["task_id"])}" type="{xml_attr(task["type"])}"']
+    if task.get("oversize") is not None:
+        out.append(f' oversize="{int(task["oversize"])}"/>')
+        return "".join(out).encode("utf-8")
+    if task.get("timeout") is not None:
+        out.append(f' timeout="{int(task["timeout"])}"')
+    out.append("><Parameters>")
+    for name, value in task["params"].items():
+        out.append(f'<Parameter name="{xml_attr(name)}">{xml_text(value)}</Parameter>')
+    out.append("</Parameters></Task>")
+    return "".join(out).encode("utf-8")
+
+
+def document_head(client_id: str, more: bool = False) -> bytes:
+    """What comes before the ``<Task>`` elements (``more="true"`` when the page is partial)."""
+    flag = ' more="true"' if more else ""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<ClientTasks client="{xml_attr(client_id)}"'
+            f'{flag}>').encode("utf-8")
+
+
+DOCUMENT_TAIL = b"</ClientTasks>\n"
+
+
+def render_client_tasks(client_id: str, tasks: Iterable[dict], more: bool = False) -> bytes:
+    """The §3 ``<ClientTasks>`` document (UTF-8) of ``tasks`` (rows as ``render_task``
+    takes them: the task server's pending tasks).
 
     Compact, with no whitespace between elements, so a parser that keeps
     whitespace (xmltodict ``strip_whitespace=False``) sees only parameter text.
     """
-    out = ['<?xml version="1.0" encoding="UTF-8"?>\n',
-           f'<ClientTasks client="{xml_attr(client_id)}">']
-    for task in tasks:
-        out.append(f'<Task id="{xml_attr(task["task_id"])}" type="{xml_attr(task["type"])}"')
-        if task.get("timeout") is not None:
-            out.append(f' timeout="{int(task["timeout"])}"')
-        out.append("><Parameters>")
-        for name, value in task["params"].items():
-            out.append(f'<Parameter name="{xml_attr(name)}">{xml_text(value)}</Parameter>')
-        out.append("</Parameters></Task>")
-    out.append("</ClientTasks>\n")
-    return "".join(out).encode("utf-8")
+    return b"".join([document_head(client_id, more), *map(render_task, tasks), DOCUMENT_TAIL])

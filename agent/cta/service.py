@@ -5,6 +5,15 @@ poll timer, pulls the pending tasks, records each new one durably as
 ``received`` and runs it in a worker, ``max_concurrent_tasks`` at a time.
 
 - Wake-ups that arrive during a pull fold into one more pull.
+- A pull is paged (§3 v1.1): ``[cta] pull_batch`` tasks in at most
+  MAX_DOCUMENT_BYTES; on ``more="true"`` the next page is pulled once this
+  page's statuses are at the server (it lists a task until it has one), so a
+  page never repeats the last. An ``oversize`` task goes received -> failed.
+- Back-off (§3): a failed pull is retried after an exponential delay with
+  full jitter (a tickle still pulls, at most once a second); a 503/429 with
+  ``Retry-After`` is obeyed to the second (plus jitter), tickles or not. The
+  poll timer is jittered (±10 %). A pull that works tells the uploader,
+  which ends its back-off only if it had not reached the server at all.
 - A task id already known is never run again: a running one is skipped, a
   finished one has its terminal event re-sent with its original event_id.
 - On start, tasks a previous CTA received but never started are run; tasks it
@@ -31,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor, wait as futures_wait
 from typing import Any
 
 from agent.common.config import Config, parse_hostport
-from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError, TickleRefused
+from agent.common.errors import (ConfigError, DsagentError, ServerBusy, ServerError,
+                                 TaskDocumentError, TickleRefused)
 from agent.common.events import TERMINAL
 from agent.common.logsetup import task_context
 from agent.common import process
@@ -52,6 +62,10 @@ log = logging.getLogger("dsagent.cta")
 
 SHUTDOWN_GRACE_S = 10.0
 TICKLE_PULL_GAP_S = 1.0   # while backing off, tickles still pull, at most once a second
+RETRY_MIN_S = 2.0         # the first failed pull's back-off bound (doubling to the poll interval)
+POLL_JITTER = 0.2         # each poll fires within +0..20 % of its slot: ±10 % around the middle
+PAGE_ACK_WAIT_S = 30.0    # for a page's statuses to reach the server before the next page
+PAGES_PER_PULL = 100      # pages pulled one after another at most, per wake-up
 SKIPPED_LOG_LINES = 20   # per pulled document; the rest are counted
 PRUNE_AFTER_S = 7 * 24 * 3600
 
@@ -70,6 +84,7 @@ class CTA:
                               f"got {self.listen[0]}")
         self.poll_interval = config.get("cta", "poll_interval_s")
         self.max_tasks = config.get("cta", "max_concurrent_tasks")
+        self.pull_batch = config.get("cta", "pull_batch")
         self.api = ServerAPI(config.get("agent", "server_url"), creds.client_id, creds.token)
         self.db = AgentDB(db_path(config.state_dir))
         self.notifier = Notifier(config.state_dir)
@@ -90,6 +105,7 @@ class CTA:
         self.running: dict[str, Any] = {}
         self._retry_at = 0.0
         self._retry_delay = 0.0
+        self._obey_retry_after = False     # _retry_at came from Retry-After: tickles wait too
         self.scheduler = None
         self.listener: socket.socket | None = None
         self.port = self.listen[1]
@@ -105,6 +121,7 @@ class CTA:
         self._recover()
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scheduler.add_job(self.wake, "interval", seconds=self.poll_interval,
+                               jitter=max(1, round(POLL_JITTER * self.poll_interval)),
                                args=("poll timer",), id="poll")
         self.scheduler.add_job(self._prune, "interval", hours=6, id="prune")
         self.scheduler.start()
@@ -224,27 +241,44 @@ class CTA:
             woken_by, self._woken_by = self._woken_by, ("poll timer", None)
             try:
                 self.pull_once(*woken_by)
-                # the server answers: an uploader backing off need not wait on
+                # the server answers: an uploader backing off because it could not
+                # reach it need not wait on (one refused by /status itself does:
+                # ctdataloader/uploader.py)
                 self.notifier.notify(SERVER_BACK)
                 self._retry_delay = self._retry_at = 0.0
+                self._obey_retry_after = False
                 self.status.update(last_pull_ok_at=time.time())
+            except ServerBusy as exc:
+                self._pull_failed(exc, exc.retry_after)
             except (ServerError, TaskDocumentError) as exc:
-                self._retry_delay = min(max(2 * self._retry_delay, 2.0), self.poll_interval)
-                delay = self._retry_delay * random.uniform(0.8, 1.2)
-                log.error("pull failed: %s; retrying in %.0f s", exc, delay)
-                self.status.update(last_pull_error={"at": time.time(), "message": str(exc)})
-                self._schedule_retry(delay)
+                self._pull_failed(exc, None)
             except Exception:
                 log.exception("unexpected error while pulling tasks")
                 self._schedule_retry(self.poll_interval)
 
+    def _pull_failed(self, exc: DsagentError, retry_after: float | None) -> None:
+        """Schedule the retry: ``Retry-After`` (plus up to 10 % jitter) when the
+        server gave one, else exponential back-off with full jitter."""
+        if retry_after is not None:
+            delay = retry_after + random.uniform(0, max(1.0, 0.1 * retry_after))
+            self._obey_retry_after = True
+        else:
+            self._retry_delay = min(max(2 * self._retry_delay, RETRY_MIN_S), self.poll_interval)
+            delay = random.uniform(0, self._retry_delay)
+            self._obey_retry_after = False
+        log.error("pull failed: %s; retrying in %.1f s%s", exc, delay,
+                  " (as the server asked)" if retry_after is not None else "")
+        self.status.update(last_pull_error={"at": time.time(), "message": str(exc)})
+        self._schedule_retry(delay)
+
     def _back_off(self) -> None:
         """After a failed pull, wait for the retry time: poll-timer wake-ups fold
         into the retry; a tickle still pulls within TICKLE_PULL_GAP_S (§2: the
-        CTA pulls within 1 s of an accepted tickle), never more often."""
+        CTA pulls within 1 s of an accepted tickle), never more often, except
+        while the server's Retry-After runs: then tickles wait for it too."""
         while not self.stopping.is_set():
             not_before = self._retry_at
-            if self._tickled.is_set():
+            if self._tickled.is_set() and not self._obey_retry_after:
                 not_before = min(not_before, self._last_pull + TICKLE_PULL_GAP_S)
             wait = not_before - time.monotonic()
             if wait <= 0:
@@ -258,7 +292,38 @@ class CTA:
         self.wake_event.set()
 
     def pull_once(self, why: str = "", tickle: str | None = None) -> None:
-        document = parse_client_tasks(self.api.get_tasks(MAX_DOCUMENT_BYTES), self.client_id)
+        """Pull page after page while the server has more (module docstring)."""
+        for page in range(1, PAGES_PER_PULL + 1):
+            document = parse_client_tasks(
+                self.api.get_tasks(MAX_DOCUMENT_BYTES, self.pull_batch), self.client_id)
+            changes = self._take(document, why, tickle)
+            if not document.more:
+                return
+            if not changes:
+                log.warning("the server says it has more tasks but listed none new; the rest "
+                            "come with the next poll or tickle")
+                return
+            if not self._at_server(changes):
+                log.warning("the server has more tasks; this page's statuses are not at the "
+                            "server after %.0f s, so the next page waits for the next poll "
+                            "or tickle", PAGE_ACK_WAIT_S)
+                return
+            why, tickle = f"page {page} said more", None
+        log.warning("pulled %d pages in a row and the server still has more; going on at the "
+                    "next poll or tickle", PAGES_PER_PULL)
+
+    def _at_server(self, changes: list[Change]) -> bool:
+        """Wait until the ctdataloader has delivered these events (or give up)."""
+        ids = [c.event["event_id"] for c in changes]
+        deadline = time.monotonic() + PAGE_ACK_WAIT_S
+        while self.db.waiting(ids):
+            if self.stopping.is_set() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _take(self, document, why: str, tickle: str | None) -> list[Change]:
+        """Record and start the new tasks of one page; the changes recorded."""
         for message in document.skipped[:SKIPPED_LOG_LINES]:
             log.warning("task document: %s", message)
         if len(document.skipped) > SKIPPED_LOG_LINES:
@@ -275,7 +340,7 @@ class CTA:
         for task in new:
             changes.append(Change(task.id, "received", task.type, task))
         if not changes:
-            return
+            return changes
         # One fsync for the whole pull; workers start validating meanwhile
         # (validation has no side effects; `running` is queued after these).
         self.db.enqueue(changes)
@@ -289,6 +354,7 @@ class CTA:
                      extra={"task_id": change.task_id, "event_id": change.event["event_id"],
                             "tickle": tickle if change.state == "received" else None})
         self.notifier.notify()
+        return changes
 
     def _known(self, task_id: str) -> bool:
         """True if this task id was seen before (and re-send its end if it ended)."""

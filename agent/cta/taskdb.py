@@ -180,6 +180,11 @@ class AgentDB:
                 return False
             return outbox.requeue(self._conn, json.loads(row[0])["event_id"], task_id, row[0])
 
+    def waiting(self, event_ids: list[str]) -> int:
+        """How many of these events are still in the outbox (not accepted yet)."""
+        with self._lock:
+            return outbox.events_waiting(self._conn, event_ids)
+
     def unfinished(self) -> list[tuple[str, str, Task | None]]:
         """Tasks not in a terminal state: (task_id, state, task) in arrival order."""
         with self._lock:

@@ -258,7 +258,7 @@ class Doctor:
             api.close()
         pending = len(document.tasks) + len(document.rejected)
         found = (f"{url} answered GET tasks for client {creds.client_id} "
-                 f"({pending} pending task(s))")
+                 f"({pending}{'+' if document.more else ''} task(s) waiting to be taken)")
         parts = urlsplit(url)
         if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
             return Result(name, "warn", found + ", over plain http to a non-loopback host: "

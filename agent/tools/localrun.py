@@ -18,7 +18,7 @@ from agent.common.events import make_event
 from agent.tools.progressbar import ProgressBar
 from agent.common.reaper import become_subreaper, kill_adopted
 from agent.cta.runner import execute
-from agent.common.taskxml import parse_client_tasks
+from agent.common.taskxml import MAX_DOCUMENT_BYTES, parse_client_tasks
 from agent.common.task import Task
 from agent.cta.workerpool import WorkerPool
 
@@ -60,7 +60,12 @@ def run_tasks(path: str, config_path: str | None, as_json: bool,
         config = (load_config(config_path, require=()) if config_path
                   else check_config({}, "<no config>", require=()))
         with open(path, "rb") as fh:
-            document = parse_client_tasks(fh.read())
+            data = fh.read(MAX_DOCUMENT_BYTES + 1)   # the limit of a pulled page (§3)
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise TaskDocumentError(
+                f"{path} is over {MAX_DOCUMENT_BYTES:,} bytes, the most a task document may "
+                "hold (as a pulled page): split it into several files")
+        document = parse_client_tasks(data)
     except (DsagentError, OSError) as exc:
         reason = exc if isinstance(exc, DsagentError) else f"{path}: {exc.strerror}"
         kind = "task document" if isinstance(exc, (TaskDocumentError, OSError)) else "config"
