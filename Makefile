@@ -12,7 +12,7 @@ setup: $(VENV)/.installed system-tools
 $(VENV)/.installed: setup.cfg pyproject.toml tests/example_handler/setup.cfg
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' -e tests/example_handler
+	$(BIN)/python -m pip install -q -e '.[test,server]' -e tests/example_handler
 	touch $@
 
 system-tools:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system tools that tests and benches use, when missing.
 # Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
-# (the tests that need a tool skip with its name, but the PXE tests fail naming its
-# package; tests/test_powercut.py and
+# (the tests that need a tool skip with its name, but the PXE and PostgreSQL tests
+# fail naming its package; tests/test_powercut.py and
 # tests/test_flood.py fail without cc, which builds the LD_PRELOAD shim and the
 # flood generator: they must not pass unchecked).
 set -u
@@ -24,6 +24,9 @@ for path in "${!file[@]}"; do
   [ -e "$path" ] || missing+=("${file[$path]}")
 done
 compgen -G '/boot/vmlinuz-*' >/dev/null || missing+=(linux-image-amd64)
+# The task server's PostgreSQL tests start their own cluster (tests/pgcluster.py) from
+# the server binaries, which are not on PATH; they fail naming the package when missing.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 # The .deb the packaging test installs needs the system python3 with venv (ensurepip).
 /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -1,11 +1,14 @@
 """Fixtures shared by test files: the reference task server on loopback; the
 built package and a throwaway root to install it in (tests/packaged.py); the
-one way to wait for a condition (``from conftest import wait_until``); and a
-stand-in objecthost for the server's tickles (``TickleListener``)."""
+one way to wait for a condition (``from conftest import wait_until``); a
+stand-in objecthost for the server's tickles (``TickleListener``); and a
+PostgreSQL cluster of the run with a fresh database per test (tests/pgcluster.py)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import socket
 import threading
@@ -16,6 +19,7 @@ import pytest
 
 from agent.common.tickle import ReplayCache, check_tickle
 from packaged import Root, build
+from pgcluster import PgCluster
 from taskserver import TaskServer, TaskStore
 
 ENROLL_KEY = "let-me-in"
@@ -135,3 +139,23 @@ def root(tmp_path):
         yield tree
     finally:
         tree.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL cluster of this run (tests/pgcluster.py); fails if it cannot start."""
+    with PgCluster() as cluster:
+        yield cluster
+
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster, request):
+    """The DSN of a fresh database for this test, named after it, dropped afterwards."""
+    test_id = request.node.nodeid.rsplit("/", 1)[-1].lower()
+    slug = re.sub(r"[^a-z0-9]+", "_", test_id).strip("_")[:48]
+    name = f"t{next(_database_numbers)}_{slug}"
+    yield pg_cluster.create_database(name)
+    pg_cluster.drop_database(name)
