@@ -1,4 +1,4 @@
-"""``python -m bench [chain|imaging|pxe|deployment|all] [--quick]``: measure, print a table.
+"""``python -m bench [chain|imaging|pxe|deployment|fleet|all] [--quick]``: measure, print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
 (also ``--only imaging``) measures disk capture/deploy against zstd and
@@ -6,11 +6,15 @@ partclone (bench/imaging.py); ``pxe`` three PXE site servers answering a
 console change and serving boot scripts (bench/pxe.py; root and dnsmasq);
 ``deployment`` DeployImage over HTTP vs a folder, the automation initrd and a
 VM's PXE boot until its agent registers (bench/deployment.py; root and QEMU);
-``all`` (also ``--all``) runs the four.
+``fleet`` thousands of simulated agents against the reference task server:
+steady polling, a tickled fan-out, an outage and the return (bench/fleet.py;
+``--agents``, ``--shards``, ``--seed``; a few minutes, so not part of ``all``);
+``all`` (also ``--all``) runs the first four.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
 ``bench/results.md``: the chain section first, then a ``## Imaging`` section,
-then a ``## PXE site server`` section, then ``## Initial deployment``. A run
+then a ``## PXE site server`` section, then ``## Initial deployment``, then
+``## Fleet``. A run
 replaces the section(s) it measured and keeps the others as they were. Nothing
 is asserted.
 """
@@ -26,11 +30,12 @@ from pathlib import Path
 
 from bench import chain as chain_bench
 from bench import deployment as deployment_bench
+from bench import fleet as fleet_bench
 from bench import imaging as imaging_bench
 from bench import micro
 from bench import pxe as pxe_bench
-from bench.report import (Conditions, Row, cpu_row, machine_lines, mb, ms, percentile, table,
-                          unwind_on_sigterm)
+from bench.report import (Conditions, Row, cpu_row, machine_lines, mb, ms, percentile,
+                          split_section, table, unwind_on_sigterm)
 
 RESULTS = Path(__file__).with_name("results.md")
 IMAGING_HEADING = "## Imaging"
@@ -192,19 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?",
-                        choices=("chain", "imaging", "pxe", "deployment", "all"),
+                        choices=("chain", "imaging", "pxe", "deployment", "fleet", "all"),
                         help="what to measure (default: chain)")
-    parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment"),
+    parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment", "fleet"),
                         help="same as SUITE")
     parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool")
+                        help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool; "
+                             "fleet: 500 agents, shorter phases")
     parser.add_argument("--runs", type=int, help="imaging: runs per tool (default 3, quick 1)")
     parser.add_argument("--cold", action="store_true",
                         help="imaging: drop the page cache before every run of every tool "
                              "(default: warm cache, the disk read once before)")
     parser.add_argument("--tickles", type=int, help="latency samples (default 200, quick 50)")
     parser.add_argument("--tasks", type=int, help="throughput tasks (default 1000, quick 200)")
+    parser.add_argument("--agents", type=int,
+                        help="fleet: simulated agents (default 10000, quick 500)")
+    parser.add_argument("--shards", type=int,
+                        help="fleet: processes the agents are spread over (default 2, quick 1)")
+    parser.add_argument("--seed", type=int, help="fleet: seed of all its randomness (default 14)")
     parser.add_argument("--workdir",
                         help="where to put the chain and the disks (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
@@ -230,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"python -m bench: error: {exc}\n")
         unwind_on_sigterm()
 
+    if suite == "fleet":
+        unwind_on_sigterm()             # the server and shard processes stop on the way out
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    chain_text = imaging_text = pxe_text = deployment_text = None
+    chain_text = imaging_text = pxe_text = deployment_text = fleet_text = None
     try:
         if suite in ("chain", "all"):
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
@@ -244,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             pxe_text = pxe_bench.section(workdir / "pxe", args.quick)
         if suite in ("deployment", "all"):
             deployment_text = deployment_bench.section(workdir / "deployment", args.quick)
+        if suite == "fleet":
+            fleet_text = fleet_bench.section(workdir, args.quick, args.agents, args.shards,
+                                             args.seed)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -251,11 +267,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {workdir}")
     out = Path(args.out)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    old, old_deployment = deployment_bench.split_section(old)
-    print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text) if t))
-    out.write_text(deployment_bench.join_section(
+    old, old_fleet = split_section(old, fleet_bench.HEADING)   # first: the PXE cut takes the rest
+    old, old_deployment = split_section(old, deployment_bench.HEADING)
+    print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text,
+                                  fleet_text) if t))
+    text = deployment_bench.join_section(
         merge_results(old, chain_text, imaging_text, pxe_text),
-        deployment_text if deployment_text is not None else old_deployment), encoding="utf-8")
+        deployment_text if deployment_text is not None else old_deployment)
+    out.write_text(deployment_bench.join_section(
+        text, fleet_text if fleet_text is not None else old_fleet), encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
     return 0
 

@@ -710,16 +710,6 @@ def section(workdir: Path, quick: bool = False, **kwargs) -> str:
                       table(rows), "", NOTES])
 
 
-def split_section(text: str) -> tuple[str, str]:
-    """``text`` without this bench's section, and the section (or "")."""
-    at = 0 if text.startswith(HEADING + "\n") else text.find("\n" + HEADING + "\n")
-    if at < 0:
-        return text, ""
-    start = at if at == 0 else at + 1
-    end = text.find("\n## ", start + len(HEADING))
-    end = len(text) if end < 0 else end + 1
-    return (text[:start] + text[end:]).rstrip("\n") + "\n", text[start:end].strip()
-
 
 def join_section(text: str, section_text: str) -> str:
     """``text`` with ``section_text`` (this bench's section) added at its end."""

@@ -162,3 +162,15 @@ def unwind_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so a bench's ``finally`` blocks stop what it
     started (agents, dnsmasq, QEMU, nginx, the namespaces)."""
     signal.signal(signal.SIGTERM, _unwind)
+
+
+def split_section(text: str, heading: str) -> tuple[str, str]:
+    """``text`` without the section under ``heading`` (to the next ``## ``), and
+    that section (or "")."""
+    at = 0 if text.startswith(heading + "\n") else text.find("\n" + heading + "\n")
+    if at < 0:
+        return text, ""
+    start = at if at == 0 else at + 1
+    end = text.find("\n## ", start + len(heading))
+    end = len(text) if end < 0 else end + 1
+    return (text[:start] + text[end:]).rstrip("\n") + "\n", text[start:end].strip()
