@@ -1,4 +1,6 @@
-"""The reference task server's HTTP API (PROTOCOL.md §3) and its tickle sender (§2).
+"""The reference task server's built-in HTTP server for the §3 API (the
+endpoints themselves: taskserver/api.py, shared with the ASGI app of
+taskserver/asgi.py) and its tickle sender (§2).
 
 Standard library only: ``http.server`` (one daemon thread per connection),
 HTTP/1.1 keep-alive with Content-Length. Every response goes out in a single
@@ -41,28 +43,23 @@ to simulate an outage; ``stop()`` and ``start()`` again reopen the same port.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent.common.errors import DsagentError
 from agent.common.tickle import send_tickle
 
+from taskserver.api import MAX_IN_FLIGHT, Admission, Api, Reply, busy, error
+from taskserver.checks import InvalidRequest, parse_hostport
 from taskserver.imagestore import ImageStoreHTTP
-from taskserver.paging import page_parameters, render_page
-from taskserver.pxe import PXEStore
-from taskserver.checks import InvalidRequest, RegistrationRefused, parse_hostport
 from taskserver.store import TaskStore
 
 log = logging.getLogger("taskserver")
@@ -70,12 +67,7 @@ log = logging.getLogger("taskserver")
 MAX_BODY = 16 * 1024 * 1024
 TICKLE_RETRY_DELAY_S = (0.05, 0.25)   # one retry of a reset or busy tickle, after a jittered pause
 SERVER_NAME = "dsagent-server/0.1"
-CLIENT_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status|pxe/startup|pxe/state)")
-METHODS = {"register": "POST", "tasks": "GET", "status": "POST", "pxe/startup": "GET",
-           "pxe/state": "POST"}
 TICKLE_THREADS = 16
-MAX_IN_FLIGHT = 64
-SHED_RETRY_AFTER_S = (3, 8)
 
 
 class TickleFailed(DsagentError):
@@ -219,12 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(head if self.command == "HEAD" else head + body)
         self.log_request(code, len(body))
 
-    def _json(self, code: int, data: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
-        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        self._send(code, body, "application/json", headers)
+    def _reply(self, reply: Reply) -> None:
+        self._send(reply.status, reply.body, reply.content_type, reply.headers)
 
     def _error(self, code: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
-        self._json(code, {"error": message}, headers)
+        self._reply(error(code, message, headers))
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
         """http.server's own protocol errors (bad request line, 501...), as JSON."""
@@ -269,21 +260,6 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return body
 
-    def _parse_json(self, body: bytes) -> Any:
-        def no_constants(name: str) -> Any:
-            raise ValueError(f"{name} is not valid JSON")
-        try:
-            return json.loads(body.decode("utf-8"), parse_constant=no_constants)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InvalidRequest(f"body is not valid UTF-8 JSON: {exc}") from None
-        except RecursionError:
-            raise InvalidRequest("body is JSON nested too deeply") from None
-
-    def _bearer(self) -> str | None:
-        value = self.headers.get("Authorization", "")
-        scheme, _, token = value.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
     # -- dispatch -------------------------------------------------------------
 
     def do_GET(self) -> None:
@@ -300,14 +276,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body()
             if body is None:
                 return
-            with app.admit() as admitted:
-                if admitted:
-                    self._api(body)
-                else:
-                    self._error(503, "the server is busy: try again later",
-                                [("Retry-After", str(random.randint(*SHED_RETRY_AFTER_S)))])
-        except InvalidRequest as exc:
-            self._error(400, str(exc))
+            with app.admission.admit() as admitted:
+                self._reply(app.api.handle(self.command, self.path,
+                                           self.headers.get("Authorization"), body,
+                                           self.address_string()) if admitted else busy())
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception:
@@ -317,71 +289,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(500, "internal server error (see the server log)")
             except OSError:
                 pass
-
-    def _api(self, body: bytes) -> None:
-        app = self.server.app
-        parts = urlsplit(self.path)
-        path = parts.path
-        match = CLIENT_PATH_RE.fullmatch(path)
-        if path == "/api/v1/register":
-            client_id, endpoint = None, "register"
-        elif match:
-            client_id, endpoint = unquote(match.group(1)), match.group(2)
-        else:
-            self._error(404, f"no such endpoint: {path}")
-            return
-        method = METHODS[endpoint]
-        if app.fault is not None and (app.fault_endpoints is None
-                                      or endpoint in app.fault_endpoints):
-            if client_id:
-                app.store.count_request(client_id, endpoint)
-            after = [] if app.fault_retry_after is None else [
-                ("Retry-After", str(app.fault_retry_after))]
-            self._error(app.fault, "simulated outage", after)
-            return
-        if self.command != method:
-            self._error(405, f"{path} takes {method}, not {self.command}",
-                        [("Allow", method)])
-            return
-        if endpoint == "register":
-            self._register(body)
-            return
-        app.store.count_request(client_id, endpoint)
-        if not app.store.auth(client_id, self._bearer()):
-            self._error(401, "missing or invalid bearer token for this client",
-                        [("WWW-Authenticate", 'Bearer realm="dsagent"')])
-            return
-        if endpoint == "tasks":
-            limit, max_bytes = page_parameters(parse_qs(parts.query))
-            xml, _ = render_page(client_id, lambda n: app.store.deliverable_tasks(client_id, n),
-                                 limit, max_bytes)
-            self._send(200, xml, "application/xml")
-        elif endpoint == "status":
-            self._status(client_id, body)
-        elif endpoint == "pxe/startup":
-            self._json(200, app.pxe.startup(client_id, app.poll_interval_s))
-        else:
-            app.pxe.record_state(client_id, self._parse_json(body), app.poll_interval_s)
-            self._send(204, b"", "application/json")
-
-    def _register(self, body: bytes) -> None:
-        app = self.server.app
-        data = self._parse_json(body)
-        try:
-            creds = app.store.register(data, app.enrollment_key)
-        except RegistrationRefused as exc:
-            log.warning("registration from %s refused: %s", self.address_string(), exc)
-            self._error(403, str(exc))
-            return
-        app.store.count_request(creds["client_id"], "register")
-        self._json(201, {**creds, "poll_interval_s": app.poll_interval_s})
-
-    def _status(self, client_id: str, body: bytes) -> None:
-        data = self._parse_json(body)
-        if not isinstance(data, dict) or not isinstance(data.get("events"), list):
-            raise InvalidRequest('body must be {"events": [...]}')
-        accepted = self.server.app.store.record_events(client_id, data["events"])
-        self._json(200, {"accepted": accepted})
 
 
 class TaskServer:
@@ -398,20 +305,14 @@ class TaskServer:
                  image_store: str | None = None, max_in_flight: int = MAX_IN_FLIGHT):
         self.store = store
         self.images = ImageStoreHTTP(image_store, store) if image_store else None
-        self.pxe = PXEStore(store)
         self.host = host
         self.port = port
         self.enrollment_key = enrollment_key or None
         self.poll_interval_s = int(poll_interval_s)
         self.verbose = verbose
         self.max_body = max_body
-        self.fault: int | None = None
-        self.fault_endpoints: frozenset[str] | None = None
-        self.fault_retry_after: int | None = None
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
-        self.shed = 0                        # requests answered 503 for load
-        self._flight_lock = threading.Lock()
+        self.api = Api(store, enrollment_key, poll_interval_s)
+        self.admission = Admission(max_in_flight)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -455,25 +356,9 @@ class TaskServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    @contextmanager
-    def admit(self) -> Iterator[bool]:
-        """Whether one more API request may be served now (else shed: 503)."""
-        with self._flight_lock:
-            admitted = self.in_flight < self.max_in_flight
-            if admitted:
-                self.in_flight += 1
-            else:
-                self.shed += 1
-        try:
-            yield admitted
-        finally:
-            if admitted:
-                with self._flight_lock:
-                    self.in_flight -= 1
-
     def pxe_servers(self) -> list[dict]:
         """The PXE servers with their last state (taskserver.pxe.PXEStore.servers)."""
-        return self.pxe.servers(self.poll_interval_s)
+        return self.api.pxe.servers(self.poll_interval_s)
 
     def tickle(self, client_id: str, timeout: float = 5.0) -> str:
         """Tickle ``client_id``'s objecthost; return its answer (``OK`` / ``ERR code``)."""
@@ -491,6 +376,19 @@ class TaskServer:
 
         Requests are still counted, so tests can measure retries during an outage.
         """
-        self.fault_endpoints = None if endpoints is None else frozenset(endpoints)
-        self.fault_retry_after = retry_after
-        self.fault = status
+        self.api.fault_endpoints = None if endpoints is None else frozenset(endpoints)
+        self.api.fault_retry_after = retry_after
+        self.api.fault = status
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.admission.max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self.admission.max_in_flight = value
+
+    @property
+    def shed(self) -> int:
+        """Requests answered 503 for load so far."""
+        return self.admission.shed

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from taskserver.pxe import (MANAGED, MAC_RE, PREDEFINED, Computer, PXEStore, Sent,
-                            ensure_schema as ensure_pxe_schema, normalise_mac,
+                            normalise_mac,
                             record_rebuilt_image)
 from taskserver.checks import (UUID_RE, InvalidRequest, RegistrationRefused, parse_hostport,
                                sanitize_client_id, utc_now, valid_client_id)
@@ -143,12 +143,6 @@ class Match:
     computer: Computer | None   # the listed computer, None for an unknown one let in
     base_id: str                # the client id it should get
     how: str                    # "MAC …", "uuid …" or "unknown (allowed)"
-
-
-def ensure_schema(conn) -> None:
-    ensure_pxe_schema(conn)
-    for statement in filter(str.strip, SCHEMA.split(";")):
-        conn.execute(statement)
 
 
 def _listed(conn, macs: list[str]) -> dict[str, Computer]:
@@ -261,7 +255,6 @@ def register(store: TaskStore, request: Mapping[str, Any]) -> dict:
     pxe = PXEStore(store)
     sent, creds, refusal = Sent(""), None, None
     with store._write() as conn:
-        ensure_schema(conn)
         match = _match(conn, macs, uuid_)
         if match is None and getattr(store, "allow_unknown_computers", False):
             base = macs[0].replace(":", "-") if macs else sanitize_client_id(uuid_)
@@ -308,7 +301,7 @@ def _issue(store: TaskStore, conn, client_id: str, adopted: bool, match: Match,
                   client_id))
     log.info("client %s re-registered in automation: new token and tickle key issued "
              "(the previous ones no longer work)", client_id)
-    _close_interrupted(conn, client_id)
+    _close_interrupted(store, conn, client_id)
     return {"client_id": client_id, "token": token, "tickle_key": tickle_key}
 
 
@@ -317,7 +310,7 @@ INTERRUPTED = ("interrupted: the computer registered again in automation (it res
                "automation environment's memory; it is not run again")
 
 
-def _close_interrupted(conn, client_id: str) -> None:
+def _close_interrupted(store: TaskStore, conn, client_id: str) -> None:
     """End with ``failed`` each task of ``client_id`` the server saw started but not
     ended, and list again the ones it had only received: the memory that held
     them is gone (store.py, "Delivery")."""
@@ -329,11 +322,10 @@ def _close_interrupted(conn, client_id: str) -> None:
         (client_id,)).fetchall()
     now = utc_now()
     for task_id, seq, state in rows:
-        conn.execute("INSERT INTO events (event_id, task_id, seq, state, progress, message, "
-                     "details, at, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                     (str(uuid.uuid4()), task_id, seq + 1, "failed", None,
-                      INTERRUPTED.format(state=state), json.dumps({"interrupted": True}),
-                      now, now))
+        store.insert_event(conn, {
+            "event_id": str(uuid.uuid4()), "task_id": task_id, "seq": seq + 1, "state": "failed",
+            "progress": None, "message": INTERRUPTED.format(state=state),
+            "details": json.dumps({"interrupted": True}), "at": now}, now)
         conn.execute("UPDATE tasks SET terminal_state = 'failed' WHERE task_id = ?", (task_id,))
         log.warning("task %s of %s was %s when the computer registered again: reported "
                     "failed (interrupted)", task_id, client_id, state)
@@ -347,7 +339,6 @@ def placeholder_client(store: TaskStore, conn, client_id: str) -> bool:
     be queued for it before it registers in automation; True if created."""
     if not valid_client_id(client_id):
         return False
-    ensure_pxe_schema(conn)
     for c in _all_listed(conn):
         if computer_client_id(c) == client_id:
             store._insert_client(conn, client_id, name=c.name, macs=[c.mac])
@@ -364,6 +355,7 @@ def event_stored(store: TaskStore, conn, client_id: str, task: Mapping[str, Any]
     commit. Never raises for bad input (a status is stored whatever it holds)."""
     state = event["state"]
     if task["type"] == "BootWizRebuild" and first_terminal and state == "succeeded":
+        store.db.serialize(conn)
         record_rebuilt_image(conn, json.loads(task["params"]), event["details"])
     if task["type"] != REBOOT_TYPE or state not in REBOOT_STATES:
         return []
@@ -372,7 +364,7 @@ def event_stored(store: TaskStore, conn, client_id: str, task: Mapping[str, Any]
         log.warning("Reboot task %s of %s: to=%r is not one of %s; PXE answers unchanged",
                     task_id, client_id, to, ", ".join(REBOOT_TARGETS))
         return []
-    ensure_pxe_schema(conn)
+    store.db.serialize(conn)              # read-then-write of the PXE lists: one at a time
     computers = computers_of(conn, client_id)
     if not computers:
         log.warning("Reboot to %s by %s (task %s): no listed computer has its MACs or its id; "
@@ -400,8 +392,6 @@ def tickle_pxe_servers(store: TaskStore, client_ids: Iterable[str]) -> None:
 
 def attempts(store: TaskStore, limit: int = 100) -> list[dict[str, Any]]:
     """The last automation registration attempts, newest first."""
-    with store._write() as conn:
-        ensure_schema(conn)
     rows = store._read("SELECT * FROM automation_log ORDER BY id DESC LIMIT ?", (limit,))
     return [{**dict(r), "macs": json.loads(r["macs"]), "ips": json.loads(r["ips"])} for r in rows]
 

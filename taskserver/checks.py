@@ -89,10 +89,15 @@ def check_rfc3339(value: str) -> bool:
     if not RFC3339_RE.fullmatch(value):
         return False
     try:
-        datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+        parse_rfc3339(value)
     except ValueError:
         return False
     return True
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """An RFC 3339 timestamp (checked by check_rfc3339) as an aware datetime."""
+    return datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
 
 
 def event_problem(event: Any) -> str | None:

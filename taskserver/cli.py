@@ -1,6 +1,7 @@
 """``dsagent-server`` (also ``python -m taskserver``): run and drive the reference task server.
 
-    dsagent-server serve   --db FILE --listen HOST:PORT [--enrollment-key K] [--poll-interval S]
+    dsagent-server serve   --db FILE|postgresql://… --listen HOST:PORT [--enrollment-key K]
+                           [--poll-interval S] [--workers N]   # N: PostgreSQL only (uvicorn)
                            [--image-store DIR] [--allow-unknown-computers]
     dsagent-server enroll  --db FILE --client-id ID [--tickle HOST:PORT]
                            [--agent-config FILE --server-url URL --state-dir DIR [--set SECTION.KEY=VALUE ...]]
@@ -178,6 +179,11 @@ def format_history(history: list[dict], show_client: bool) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     host, port = _hostport(args.listen, "--listen", allow_zero=True)
+    if args.db.startswith(("postgresql://", "postgres://")):
+        return serve_asgi(args, host, port)
+    if args.workers is not None:
+        raise CliError("--workers needs --db postgresql://… (an SQLite file is served by one "
+                       "process)")
     store = TaskStore(args.db)
     store.allow_unknown_computers = args.allow_unknown_computers   # §8, taskserver/automation.py
     if args.image_store and not Path(args.image_store).is_dir():
@@ -199,6 +205,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         store.close()
+    print(f"{PROG}: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def serve_asgi(args: argparse.Namespace, host: str, port: int) -> int:
+    """PostgreSQL: uvicorn worker processes (taskserver/asgi.py)."""
+    from taskserver.asgi import listen, serve
+
+    if args.image_store:
+        raise CliError("--image-store is the built-in server's (an SQLite --db); with "
+                       "PostgreSQL serve images from a web server (docs/image-store-http.md)")
+    workers = args.workers or 2
+    if not 1 <= workers <= 64:
+        raise CliError(f"--workers must be 1..64, got {workers}")
+    probe = TaskStore(args.db)          # the schema, once, before the workers start
+    where = str(probe.db)               # the URL without its password
+    probe.close()
+    sock = listen(host, port)
+    shown = host if ":" not in host else f"[{host}]"
+    url = f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else shown}:{sock.getsockname()[1]}"
+    print(url, flush=True)
+    print(f"{PROG}: serving {url} from {where} with {workers} worker(s)"
+          f"{'' if args.enrollment_key else ' (registration disabled: no --enrollment-key)'}"
+          "; SIGINT/SIGTERM stops", file=sys.stderr, flush=True)
+    serve(args.db, sock, workers, enrollment_key=args.enrollment_key,
+          poll_interval_s=args.poll_interval, allow_unknown_computers=args.allow_unknown_computers,
+          keep_events_days=args.keep_events_days, verbose=args.verbose)
     print(f"{PROG}: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -376,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--db", required=True, metavar="FILE", help="the server's SQLite database")
+        p.add_argument("--db", required=True, metavar="FILE|URL",
+                       help="the server's database: an SQLite file, or postgresql://…")
         return p
 
     p = command("serve", "serve the HTTP API until SIGTERM/SIGINT (prints the URL first)")
@@ -392,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-store", metavar="DIR",
                    help="serve DIR as an image store under /images/ (GET with Range; PUT "
                         "with an enrolled client's ID:TOKEN as Basic auth)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --db postgresql://…: uvicorn worker processes (default 2)")
+    p.add_argument("--keep-events-days", type=int, default=180, metavar="D",
+                   help="with --db postgresql://…: drop statuses older than D days, a month "
+                        "at a time (0 keeps all; default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 

@@ -47,10 +47,12 @@ class LoopbackChain:
     def __init__(self, workdir: str | os.PathLike, *, client_id: str = "demo-pc",
                  poll_interval_s: int = 300, max_concurrent_tasks: int = 2,
                  handlers: dict[str, Any] | None = None, enrollment_key: str | None = None,
-                 extra_config: str = ""):
+                 extra_config: str = "", db: str | None = None):
         """With ``enrollment_key`` the agent is not enrolled in advance: it
         registers itself through POST /api/v1/register at start.
-        ``extra_config`` is TOML appended to the agent's config (e.g. a [trace] section)."""
+        ``extra_config`` is TOML appended to the agent's config (e.g. a [trace] section).
+        ``db``: the server's database (default ``<workdir>/server.db``; a
+        ``postgresql://`` URL too)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_id = client_id
@@ -59,7 +61,7 @@ class LoopbackChain:
         self.handlers = handlers or {}
         self.enrollment_key = enrollment_key
         self.extra_config = extra_config
-        self.store = TaskStore(str(self.workdir / "server.db"))
+        self.store = TaskStore(db or str(self.workdir / "server.db"))
         self.server: TaskServer | None = None
         self.agent: subprocess.Popen | None = None
         self.objecthost_port = free_port()

@@ -208,11 +208,6 @@ class Sent:
     tasks: dict[str, list[str]] = field(default_factory=dict)
 
 
-def ensure_schema(conn) -> None:
-    for statement in filter(str.strip, SCHEMA.split(";")):
-        conn.execute(statement)
-
-
 def _age_s(stamp: str | None, now: datetime) -> float | None:
     if not stamp:
         return None
@@ -231,17 +226,11 @@ class PXEStore:
             raise InvalidRequest(f"confirm_s must be 0-3600 seconds, got {confirm_s!r}")
         self.store = store
         self.confirm_s = confirm_s
-        with store._lock:   # also made inside a TaskStore transaction (taskserver/automation.py)
-            if store._conn.in_transaction:
-                ensure_schema(store._conn)
-            else:
-                with store._write() as conn:
-                    ensure_schema(conn)
 
     # ---- reading -----------------------------------------------------------------
     def _reading(self, read: Callable[[Any], Any]) -> Any:
-        with self.store._lock:
-            return read(self.store._conn)
+        with self.store.db.snapshot() as conn:
+            return read(conn)
 
     def settings(self) -> dict[str, str]:
         """Every setting with its value (defaults included; unset ones left out)."""
@@ -301,8 +290,8 @@ class PXEStore:
     def _register(conn, client_id: str, now: str, poll_interval_s: int | None) -> None:
         if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone():
             raise UnknownEntry(f"unknown client {client_id!r}")
-        if conn.execute("INSERT OR IGNORE INTO pxe_servers (client_id, registered_at) "
-                        "VALUES (?, ?)", (client_id, now)).rowcount:
+        if conn.execute("INSERT INTO pxe_servers (client_id, registered_at) VALUES (?, ?) "
+                        "ON CONFLICT DO NOTHING", (client_id, now)).rowcount:
             log.info("client %s registered as a PXE server", client_id)
         if poll_interval_s:
             conn.execute("UPDATE pxe_servers SET poll_interval_s = ? WHERE client_id = ?",
@@ -383,7 +372,10 @@ class PXEStore:
             left_predefined |= lists.get(c.mac) == PREDEFINED and target == MANAGED
             name = (c.name or owners.get(c.mac)) if target == MANAGED else c.name
             c = Computer(c.mac, c.action, name, c.config, target)
-            conn.execute("INSERT OR REPLACE INTO pxe_computers VALUES (?,?,?,?,?,?)",
+            conn.execute("INSERT INTO pxe_computers (mac, list, name, action, config, changed_at) "
+                         "VALUES (?,?,?,?,?,?) ON CONFLICT (mac) DO UPDATE SET list = "
+                         "excluded.list, name = excluded.name, action = excluded.action, "
+                         "config = excluded.config, changed_at = excluded.changed_at",
                          (c.mac, c.list, c.name, c.action, c.config, now))
             touched[target].append(c)
         files = []
@@ -459,7 +451,8 @@ class PXEStore:
         if not checked:
             raise InvalidRequest("no setting to set")
         with self.store._write() as conn:
-            conn.executemany("INSERT OR REPLACE INTO pxe_settings VALUES (?, ?)", checked.items())
+            conn.executemany("INSERT INTO pxe_settings (name, value) VALUES (?, ?) ON CONFLICT "
+                             "(name) DO UPDATE SET value = excluded.value", checked.items())
             if len(checked) == 1:
                 files = [("update", update_xml(setting_xml(*next(iter(checked.items())))))]
             else:
@@ -489,7 +482,9 @@ class PXEStore:
 
 
 def _upsert_image(conn, config: str, version: str) -> None:
-    conn.execute("INSERT OR REPLACE INTO pxe_images VALUES (?, ?, ?)", (config, version, utc_now()))
+    conn.execute("INSERT INTO pxe_images (config, version, changed_at) VALUES (?, ?, ?) ON CONFLICT "
+                 "(config) DO UPDATE SET version = excluded.version, changed_at = "
+                 "excluded.changed_at", (config, version, utc_now()))
 
 
 def record_rebuilt_image(conn, params: Mapping[str, Any], details: Any) -> None:
@@ -503,7 +498,6 @@ def record_rebuilt_image(conn, params: Mapping[str, Any], details: Any) -> None:
     except (InvalidRequest, AttributeError) as exc:
         log.warning("BootWizRebuild succeeded but its image is not recorded: %s", exc)
         return
-    ensure_schema(conn)
     _upsert_image(conn, config, version)
     log.info("image %s recorded: version %s (BootWizRebuild)", config, version)
 

@@ -287,7 +287,8 @@ def add_pxe_commands(sub: argparse._SubParsersAction) -> None:
 
     def command(name: str, help_: str, func, change: bool = True) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help_, description=help_)
-        p.add_argument("--db", required=True, metavar="FILE", help="the server's SQLite database")
+        p.add_argument("--db", required=True, metavar="FILE|URL",
+                       help="the server's database: an SQLite file, or postgresql://…")
         if change:
             p.add_argument("--no-tickle", action="store_true",
                            help="queue only (the PXE servers pull at their next poll)")

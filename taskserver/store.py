@@ -37,23 +37,23 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from taskserver.checks import (TERMINAL_STATES, InvalidRequest, RegistrationRefused,
-                               StoreError, UnknownClient, check_task_fields, event_problem,
+                               UnknownClient, check_task_fields, event_problem,
                                parse_task_document, sanitize_client_id, utc_now,
-                               parse_hostport, valid_client_id)
+                               parse_hostport, parse_rfc3339, valid_client_id)
+from taskserver.db import Database, PostgresDatabase, open_database, pg_ddl
 
 log = logging.getLogger("taskserver.store")
 
 ENDPOINTS = ("register", "tasks", "status")
-
+EVENT_COLUMNS = ("e.event_id, e.task_id, e.seq, e.state, e.progress, e.message, e.details, e.at, "
+                 "e.received_at")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
     client_id     TEXT PRIMARY KEY,
@@ -101,73 +101,96 @@ CREATE TABLE IF NOT EXISTS request_counts (
 );
 """
 
-# user_version -> what brings a database from the version before up to it
-MIGRATIONS = {
-    1: SCHEMA,
-    2: """
+# PostgreSQL's events: partitioned by the month of their `at` (taskserver/db.py
+# drops old months whole); the primary key holds the partition key, so a resent
+# event (same id, same `at`) is still a conflict.
+PG_EVENTS = """
+CREATE SEQUENCE IF NOT EXISTS events_rowid;
+CREATE TABLE IF NOT EXISTS events (
+    event_id    TEXT NOT NULL,
+    task_id     TEXT NOT NULL,
+    seq         BIGINT NOT NULL,
+    state       TEXT NOT NULL,
+    progress    DOUBLE PRECISION,
+    message     TEXT,
+    details     TEXT,
+    at          TEXT NOT NULL,
+    at_ts       TIMESTAMPTZ NOT NULL,
+    received_at TEXT NOT NULL,
+    rowid       BIGINT NOT NULL DEFAULT nextval('events_rowid'),
+    PRIMARY KEY (event_id, at_ts)
+) PARTITION BY RANGE (at_ts);
+CREATE TABLE IF NOT EXISTS events_default PARTITION OF events DEFAULT;
+CREATE INDEX IF NOT EXISTS events_task ON events(task_id, seq);
+CREATE INDEX IF NOT EXISTS events_event_id ON events(event_id);
+"""
+
+
+def migrations() -> dict[int, str | dict[str, str]]:
+    """Schema version -> what brings a database from the version before up to it
+    (SQLite's SQL; taskserver/db.py turns it into PostgreSQL's)."""
+    from taskserver.automation import SCHEMA as AUTOMATION_SCHEMA   # they import this module
+    from taskserver.pxe import SCHEMA as PXE_SCHEMA
+
+    without_events = SCHEMA[:SCHEMA.index("CREATE TABLE IF NOT EXISTS events")] + \
+        SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS request_counts"):]
+    return {
+        1: {"sqlite": SCHEMA, "postgresql": pg_ddl(without_events) + PG_EVENTS},
+        2: """
 ALTER TABLE tasks ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0;
 UPDATE tasks SET delivered = 1 WHERE task_id IN (SELECT task_id FROM events);
 CREATE INDEX IF NOT EXISTS tasks_deliverable ON tasks(client_id, seq)
     WHERE terminal_state IS NULL AND delivered = 0;
 """,
-}
+        3: PXE_SCHEMA + ";\n" + AUTOMATION_SCHEMA,
+    }
 
 
 class TaskStore:
-    """Clients, tasks and status events in SQLite; safe to share between threads."""
+    """Clients, tasks and status events in SQLite or PostgreSQL (taskserver/db.py);
+    safe to share between threads. ``target``: a file path or a ``postgresql://`` URL."""
 
-    def __init__(self, db_path: str, *, synchronous: str = "NORMAL"):
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"bad synchronous mode {synchronous!r}")
-        self.db_path = str(db_path)
+    def __init__(self, target: str, *, synchronous: str = "NORMAL"):
+        self.db_path = str(target)
+        self.db: Database = open_database(self.db_path, synchronous=synchronous)
         self.allow_unknown_computers = False   # §8: let unknown computers register (automation)
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
-        self._conn = sqlite3.connect(self.db_path, isolation_level=None,
-                                     check_same_thread=False, timeout=10.0)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock:
-            for pragma in ("busy_timeout = 10000", "journal_mode = WAL",
-                           f"synchronous = {synchronous.upper()}", "foreign_keys = ON"):
-                self._conn.execute(f"PRAGMA {pragma}")
-            with self._write() as conn:
-                self._migrate(conn)
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        latest = max(MIGRATIONS)
-        if version > latest:
-            raise StoreError(f"database schema version {version} is newer than this server's "
-                             f"({latest}): use a newer dsagent-server")
-        for number in range(version + 1, latest + 1):
-            for statement in filter(str.strip, MIGRATIONS[number].split(";")):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-            if version:
-                log.info("database schema migrated to version %d", number)
+        self._changed = threading.Condition()
+        try:
+            applied = self.db.migrate(migrations())
+            if applied and applied[0] > 1:
+                log.info("database %s: schema migrated to version %d", self.db, applied[-1])
+            if isinstance(self.db, PostgresDatabase):
+                self.db.ensure_event_partitions()
+        except BaseException:
+            self.db.close()
+            raise
 
     # -- plumbing -----------------------------------------------------------
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT) under the lock."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self, serial: bool = True):
+        """One write transaction (taskserver/db.py: serial unless asked otherwise)."""
+        return self.db.write(serial)
 
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, args).fetchall()
+    def _read(self, sql: str, args: tuple = ()) -> list[Any]:
+        return self.db.read(sql, args)
+
+    def insert_event(self, conn, event: Mapping[str, Any], received_at: str,
+                     if_new: bool = False) -> bool:
+        """Store one status event (``details`` as a JSON text or None); with
+        ``if_new``, nothing if its id is stored already. True if stored."""
+        columns = ["event_id", "task_id", "seq", "state", "progress", "message", "details",
+                   "at", "received_at"]
+        values = [event["event_id"], event["task_id"], event["seq"], event["state"],
+                  event["progress"], event["message"], event["details"], event["at"],
+                  received_at]
+        if self.db.dialect == "postgresql":
+            columns.append("at_ts")
+            values.append(parse_rfc3339(event["at"]))
+        sql = (f"INSERT INTO events ({', '.join(columns)}) VALUES "
+               f"({', '.join('?' * len(values))})" + (" ON CONFLICT DO NOTHING" if if_new else ""))
+        return conn.execute(sql, values).rowcount == 1
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self.db.close()
 
     def __enter__(self) -> "TaskStore":
         return self
@@ -264,7 +287,7 @@ class TaskStore:
                 self._read("SELECT * FROM clients ORDER BY registered_at, client_id")]
 
     @staticmethod
-    def _client_dict(row: sqlite3.Row) -> dict:
+    def _client_dict(row) -> dict:
         data = dict(row)
         data["macs"] = json.loads(data["macs"] or "[]")
         data["ips"] = json.loads(data["ips"] or "[]")
@@ -282,11 +305,11 @@ class TaskStore:
     # -- request counters ---------------------------------------------------
     def count_request(self, client_id: str, endpoint: str) -> None:
         """Count one request of a known client to ``endpoint`` (register/tasks/status)."""
-        with self._write() as conn:
+        with self._write(serial=False) as conn:
             conn.execute(
                 "INSERT INTO request_counts (client_id, endpoint, count, last_at) "
                 "SELECT ?, ?, 1, ? WHERE EXISTS (SELECT 1 FROM clients WHERE client_id = ?) "
-                "ON CONFLICT (client_id, endpoint) DO UPDATE SET count = count + 1, "
+                "ON CONFLICT (client_id, endpoint) DO UPDATE SET count = request_counts.count + 1, "
                 "last_at = excluded.last_at", (client_id, endpoint, utc_now(), client_id))
 
     def request_counts(self, client_id: str) -> dict[str, int]:
@@ -319,7 +342,7 @@ class TaskStore:
                     " VALUES (?,?,?,?,?,?)",
                     (task_id, client_id, type_, json.dumps(params, ensure_ascii=False), timeout,
                      now))
-            except sqlite3.IntegrityError:
+            except self.db.IntegrityError:
                 raise InvalidRequest(f"task id {task_id} is already queued") from None
             ids.append(task_id)
         return ids
@@ -338,7 +361,7 @@ class TaskStore:
         return self._insert_tasks(client_id, parse_task_document(xml_text))
 
     @staticmethod
-    def _task_dict(row: sqlite3.Row) -> dict:
+    def _task_dict(row) -> dict:
         data = dict(row)
         data["params"] = json.loads(data["params"])
         return data
@@ -351,8 +374,9 @@ class TaskStore:
         """
         rows = self._read(
             "SELECT task_id, type, params, timeout, queued_at FROM tasks "
-            "WHERE client_id = ? AND terminal_state IS NULL ORDER BY seq LIMIT ?",
-            (client_id, -1 if limit is None else limit))
+            "WHERE client_id = ? AND terminal_state IS NULL ORDER BY seq"
+            + ("" if limit is None else " LIMIT ?"), (client_id,) + (() if limit is None
+                                                                    else (limit,)))
         return [self._task_dict(r) for r in rows]
 
     def deliverable_tasks(self, client_id: str, limit: int) -> list[dict]:
@@ -381,15 +405,15 @@ class TaskStore:
                                         "it cannot be called back")
                 else:
                     now = utc_now()
-                    conn.execute(
-                        "INSERT INTO events (event_id, task_id, seq, state, progress, message, "
-                        "details, at, received_at) VALUES (?,?,1,'cancelled',NULL,?,?,?,?)",
-                        (str(uuid.uuid4()), task_id, "cancelled at the server before an agent "
-                         "took it", json.dumps({"by": "server"}), now, now))
+                    self.insert_event(conn, {
+                        "event_id": str(uuid.uuid4()), "task_id": task_id, "seq": 1,
+                        "state": "cancelled", "progress": None,
+                        "message": "cancelled at the server before an agent took it",
+                        "details": json.dumps({"by": "server"}), "at": now}, now)
                     conn.execute("UPDATE tasks SET terminal_state = 'cancelled', delivered = 1 "
                                  "WHERE task_id = ?", (task_id,))
                     outcome[task_id] = None
-            self._changed.notify_all()
+        self._notify()
         return outcome
 
     def task(self, task_id: str) -> dict | None:
@@ -404,7 +428,7 @@ class TaskStore:
             raise InvalidRequest("events must be a JSON array")
         accepted: list[str] = []
         now, tickle = utc_now(), []     # PXE servers told of a Reboot (taskserver/automation.py)
-        with self._write() as conn:
+        with self._write(serial=False) as conn:     # dedup by event_id needs no more
             for index, event in enumerate(events):
                 problem = event_problem(event)
                 if problem is None:
@@ -420,14 +444,10 @@ class TaskStore:
                                 client_id, index, eid, problem)
                     continue
                 details = event["details"]
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO events (event_id, task_id, seq, state, progress,"
-                    " message, details, at, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (event["event_id"], event["task_id"], event["seq"], event["state"],
-                     event["progress"], event["message"],
-                     None if details is None else json.dumps(details, ensure_ascii=False),
-                     event["at"], now))
-                if cur.rowcount == 0:
+                stored_now = self.insert_event(conn, {
+                    **event, "details": None if details is None else json.dumps(
+                        details, ensure_ascii=False)}, now, if_new=True)
+                if not stored_now:
                     stored = conn.execute("SELECT task_id, seq, state FROM events "
                                           "WHERE event_id = ?", (event["event_id"],)).fetchone()
                     if tuple(stored) != (event["task_id"], event["seq"], event["state"]):
@@ -444,14 +464,14 @@ class TaskStore:
                     tickle += event_stored(self, conn, client_id, row, event, bool(first))
                 if event["event_id"] not in accepted:
                     accepted.append(event["event_id"])
-            self._changed.notify_all()
+        self._notify()
         if tickle:
             from taskserver.automation import tickle_pxe_servers
             tickle_pxe_servers(self, tickle)
         return accepted
 
     @staticmethod
-    def _event_dict(row: sqlite3.Row) -> dict:
+    def _event_dict(row) -> dict:
         data = dict(row)
         if data["details"] is not None:
             data["details"] = json.loads(data["details"])
@@ -461,8 +481,8 @@ class TaskStore:
 
     def events(self, task_id: str) -> list[dict]:
         """A task's stored events, in ``seq`` order."""
-        rows = self._read("SELECT * FROM events WHERE task_id = ? ORDER BY seq, received_at, "
-                          "rowid", (task_id,))
+        rows = self._read(f"SELECT {EVENT_COLUMNS} FROM events e WHERE task_id = ? "
+                          "ORDER BY seq, received_at, rowid", (task_id,))
         return [self._event_dict(r) for r in rows]
 
     def history(self, client_id: str | None = None, task_id: str | None = None) -> list[dict]:
@@ -480,13 +500,13 @@ class TaskStore:
             where.append("t.task_id = ?")
             args.append(task_id)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
-        with self._lock:
-            tasks = self._read(
+        with self.db.snapshot() as conn:
+            tasks = conn.execute(
                 "SELECT task_id, client_id, type, params, timeout, queued_at, terminal_state "
-                f"FROM tasks t {clause} ORDER BY t.seq", tuple(args))
-            events = self._read(
-                "SELECT e.* FROM events e JOIN tasks t ON t.task_id = e.task_id "
-                f"{clause} ORDER BY t.seq, e.seq, e.received_at, e.rowid", tuple(args))
+                f"FROM tasks t {clause} ORDER BY t.seq", tuple(args)).fetchall()
+            events = conn.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events e JOIN tasks t ON t.task_id = e.task_id "
+                f"{clause} ORDER BY t.seq, e.seq, e.received_at, e.rowid", tuple(args)).fetchall()
         by_task: dict[str, list[dict]] = {}
         for row in events:
             by_task.setdefault(row["task_id"], []).append(self._event_dict(row))
@@ -512,17 +532,22 @@ class TaskStore:
         """
         remaining = list(dict.fromkeys(task_ids))
         deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                if remaining:
-                    marks = ",".join("?" * len(remaining))
-                    done = {r["task_id"] for r in self._read(
-                        f"SELECT task_id FROM tasks WHERE task_id IN ({marks}) "
-                        "AND terminal_state IS NOT NULL", tuple(remaining))}
-                    remaining = [t for t in remaining if t not in done]
-                if not remaining:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
+        while True:
+            if remaining:
+                marks = ",".join("?" * len(remaining))
+                done = {r["task_id"] for r in self._read(
+                    f"SELECT task_id FROM tasks WHERE task_id IN ({marks}) "
+                    "AND terminal_state IS NOT NULL", tuple(remaining))}
+                remaining = [t for t in remaining if t not in done]
+            if not remaining:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
                 self._changed.wait(min(left, 0.05))
+
+    def _notify(self) -> None:
+        """Wake wait_terminal (after a transaction, never inside one)."""
+        with self._changed:
+            self._changed.notify_all()

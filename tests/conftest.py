@@ -101,9 +101,25 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def pytest_generate_tests(metafunc):
+    """A test module with ``BACKENDS = ("sqlite", "postgresql")`` runs each test that
+    uses the task server's database on both; others on SQLite only."""
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", getattr(metafunc.module, "BACKENDS", ("sqlite",)))
+
+
 @pytest.fixture
-def store(tmp_path):
-    with TaskStore(str(tmp_path / "server.db")) as s:
+def store_target(backend, tmp_path, request) -> str:
+    """Where the task server keeps its state: an SQLite file, or a fresh
+    PostgreSQL database of the run's cluster."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_dsn")
+    return str(tmp_path / "server.db")
+
+
+@pytest.fixture
+def store(store_target):
+    with TaskStore(store_target) as s:
         yield s
 
 

@@ -29,6 +29,8 @@ from taskserver.cli import build_parser
 from taskserver.pxe import PXEStore
 from taskserver.checks import InvalidRequest, UnknownClient
 
+BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
+
 MAC_A, MAC_B, MAC_C = "52:54:00:aa:00:01", "52:54:00:aa:00:02", "52:54:00:aa:00:03"
 SMBIOS = "4c4c4544-0042-3510-8052-b4c04f4b4c31"
 
@@ -39,10 +41,10 @@ def automation_request(macs, uuid_=None, **extra):
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(store_target):
     """A server on loopback, its PXEStore, and one PXE server ``site-1`` (tickled at a
     fake objecthost) that asked for its startup information."""
-    store = TaskStore(str(tmp_path / "server.db"))
+    store = TaskStore(store_target)
     server = TaskServer(store, enrollment_key="k").start()
     pxe = PXEStore(store)
     site = TickleListener()
@@ -132,7 +134,8 @@ def test_matched_by_smbios_uuid_when_no_mac_is_listed(env):
     assert env.pxe.computer(MAC_B).name == "pc-0042"         # the new NIC joins it
     assert automation.attempts(env.store)[0]["matched"] == f"uuid {SMBIOS} (client pc-0042)"
     # a firmware placeholder uuid is never used to match
-    env.store._conn.execute("UPDATE clients SET uuid = ? WHERE client_id = 'pc-0042'",
+    with env.store._write() as conn:
+        conn.execute("UPDATE clients SET uuid = ? WHERE client_id = 'pc-0042'",
                             ("03000200-0400-0500-0006-000700080009",))
     resp = env.register(automation_request([MAC_C], "03000200-0400-0500-0006-000700080009"))
     assert resp.status_code == 403

@@ -3,7 +3,6 @@
 
 import re
 import signal
-import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,13 +13,15 @@ from agent.common.events import TERMINAL
 from conftest import listening, wait_until
 from taskserver.loopback import LoopbackChain
 
+BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
+
 
 @pytest.fixture
-def make_chain(tmp_path):
+def make_chain(tmp_path, store_target):
     chains = []
 
     def make(**kwargs):
-        chain = LoopbackChain(tmp_path / f"chain{len(chains)}", **kwargs)
+        chain = LoopbackChain(tmp_path / f"chain{len(chains)}", db=store_target, **kwargs)
         chains.append(chain)
         return chain.start()
 
@@ -84,7 +85,7 @@ def test_redelivered_task_never_runs_twice(make_chain, tmp_path):
     assert chain.wait([slow], 20)
     first = chain.events(slow)
     # the server "loses" the task's statuses and lists the task again
-    with sqlite3.connect(chain.workdir / "server.db") as db:
+    with chain.store._write() as db:
         db.execute("DELETE FROM events WHERE task_id=? AND state IN "
                    "('succeeded','failed','cancelled','timed_out')", (slow,))
         db.execute("UPDATE tasks SET terminal_state=NULL, delivered=0 WHERE task_id=?",

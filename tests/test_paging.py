@@ -18,12 +18,14 @@ from taskserver.checks import InvalidRequest
 from taskserver.loopback import LoopbackChain
 from taskserver.paging import DEFAULT_LIMIT, MAX_LIMIT, page_parameters, render_page
 
+BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
+
 MB = 1_000_000
 
 
 @pytest.fixture
-def chain(tmp_path):
-    c = LoopbackChain(tmp_path / "chain").start()
+def chain(tmp_path, store_target):
+    c = LoopbackChain(tmp_path / "chain", db=store_target).start()
     c.wait_first_pull()
     yield c
     c.stop()

@@ -25,6 +25,8 @@ from conftest import TickleListener
 from taskserver import TaskStore, TickleFailed
 from taskserver.checks import InvalidRequest, RegistrationRefused
 
+BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
+
 ROOT = Path(__file__).resolve().parents[1]
 ENROLL_KEY = "let-me-in"
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,8 @@ from agent.pxe.sbsdoc import (Computer, Computers, Image, Images, RemoveComputer
 from agent.pxe.state import PXEState
 from conftest import ENROLL_KEY, TickleListener, wait_until
 from taskserver.pxe import PXEStore
+
+BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = "2026-01-02T03:04:05Z"
@@ -417,8 +420,10 @@ def test_servers_listing_shows_state_and_silent_servers(server, store, sites):
     assert busy.post_state(good_state(computers=120)).status_code == 204
     new.startup(apply=False)
     with store._write() as conn:                 # site-quiet last spoke 10 minutes ago
-        conn.execute("UPDATE pxe_servers SET state_at = strftime('%Y-%m-%dT%H:%M:%fZ', "
-                     "'now', '-600 seconds') WHERE client_id = 'site-quiet'")
+        ten_minutes_ago = (datetime.now(timezone.utc) - timedelta(seconds=600)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
+        conn.execute("UPDATE pxe_servers SET state_at = ? WHERE client_id = 'site-quiet'",
+                     (ten_minutes_ago,))
     listed = {s["client_id"]: s for s in json.loads(
         pxe(store.db_path, "servers", "--json").stdout)}
     assert {k: (v["status"], v["silent"]) for k, v in listed.items()} == {
