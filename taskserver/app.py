@@ -145,7 +145,7 @@ def tickle_clients(store: TaskStore, client_ids: Iterable[str],
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    request_queue_size = 4096   # a fleet's fan-out connects at once (capped by net.core.somaxconn)
 
     def __init__(self, address, handler, app: "TaskServer", family: int):
         self.address_family = family
@@ -188,6 +188,14 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.server.track(self.connection, True)
+
+    def handle(self) -> None:
+        """Requests until the connection closes; a peer that resets it mid-request
+        is an everyday event at scale, not a traceback."""
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
 
     def finish(self) -> None:
         try:
