@@ -12,7 +12,7 @@
     dsagent-server capture --db FILE --mac MAC --image I [--source DEV] [--config C] [--no-wait]
     dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
                                      # the automation environment (docs/automation-base.md)
-    dsagent-server cancel  --db FILE (--task ID [--task ID ...] | --client ID)
+    dsagent-server cancel  --db FILE (--task ID [--task ID ...] | --client ID) [--force]
     dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
@@ -327,7 +327,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         raise CliError("give --task ID (repeatable) or --client ID (its queued tasks)")
     with TaskStore(args.db) as store:
         ids = args.task or [t["task_id"] for t in store.pending_tasks(args.client)]
-        outcome = store.cancel_tasks(ids)
+        outcome = store.cancel_tasks(ids, force=args.force)
     for task_id, why in outcome.items():
         print(f"{task_id}\t{'cancelled' if why is None else 'not cancelled: ' + why}")
     if not outcome:
@@ -462,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("cancel", "cancel queued tasks no agent has taken yet (they end `cancelled`)")
     p.add_argument("--task", action="append", default=[], metavar="ID", help="repeatable")
     p.add_argument("--client", metavar="ID", help="every queued task of this client")
+    p.add_argument("--force", action="store_true", help="also end tasks an agent took but "
+                   "never finished (it is not told; e.g. it lost them with its state)")
     p.set_defaults(func=cmd_cancel)
 
     p = command("tickle", "send a signed tickle to a client's objecthost; print its answer")

@@ -387,10 +387,13 @@ class TaskStore:
             (client_id, limit))
         return [self._task_dict(r) for r in rows]
 
-    def cancel_tasks(self, task_ids: Iterable[str]) -> dict[str, str | None]:
+    def cancel_tasks(self, task_ids: Iterable[str],
+                     force: bool = False) -> dict[str, str | None]:
         """Cancel queued tasks no agent has taken yet: each gets a ``cancelled``
         status made by the server, so it is listed no more and its history says
-        why. ``{task_id: None if cancelled, else why not}``."""
+        why. ``force`` also ends tasks an agent took but never finished (it lost
+        them with its state, say); the agent is not told, and statuses it still
+        sends are stored after this one. ``{task_id: None if cancelled, else why not}``."""
         outcome: dict[str, str | None] = {}
         with self._write() as conn:
             for task_id in dict.fromkeys(task_ids):
@@ -400,16 +403,21 @@ class TaskStore:
                     outcome[task_id] = "no such task"
                 elif row["terminal_state"]:
                     outcome[task_id] = f"it already ended ({row['terminal_state']})"
-                elif row["delivered"]:
+                elif row["delivered"] and not force:
                     outcome[task_id] = ("the agent has taken it (a status of it is stored); "
-                                        "it cannot be called back")
+                                        "it cannot be called back (--force ends it here anyway)")
                 else:
                     now = utc_now()
+                    seq = conn.execute("SELECT MAX(seq) FROM events WHERE task_id = ?",
+                                       (task_id,)).fetchone()[0] or 0
+                    message = ("cancelled at the server after the agent took it (forced): the "
+                               "agent was not told" if row["delivered"] else
+                               "cancelled at the server before an agent took it")
                     self.insert_event(conn, {
-                        "event_id": str(uuid.uuid4()), "task_id": task_id, "seq": 1,
-                        "state": "cancelled", "progress": None,
-                        "message": "cancelled at the server before an agent took it",
-                        "details": json.dumps({"by": "server"}), "at": now}, now)
+                        "event_id": str(uuid.uuid4()), "task_id": task_id, "seq": seq + 1,
+                        "state": "cancelled", "progress": None, "message": message,
+                        "details": json.dumps({"by": "server", "forced": bool(row["delivered"])}),
+                        "at": now}, now)
                     conn.execute("UPDATE tasks SET terminal_state = 'cancelled', delivered = 1 "
                                  "WHERE task_id = ?", (task_id,))
                     outcome[task_id] = None

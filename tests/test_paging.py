@@ -186,8 +186,13 @@ def test_cancel_queued_tasks_from_the_command_line(tmp_path):
     assert f"{taken}\tnot cancelled: the agent has taken it" in done.stdout
     with TaskStore(str(db)) as store:
         [event] = store.events(queued)
-        assert (event["state"], event["details"]) == ("cancelled", {"by": "server"})
+        assert (event["state"], event["details"]) == ("cancelled",
+                                                      {"by": "server", "forced": False})
         assert "cancelled at the server" in event["message"]
         assert store.deliverable_tasks("pc-1", 10) == []
         assert store.cancel_tasks([queued, "nope"]) == {queued: "it already ended (cancelled)",
                                                         "nope": "no such task"}
+        assert store.cancel_tasks([taken], force=True) == {taken: None}   # lost by its agent
+        assert [(e["seq"], e["state"]) for e in store.events(taken)] == [
+            (1, "received"), (2, "cancelled")]
+        assert store.events(taken)[-1]["details"] == {"by": "server", "forced": True}
