@@ -128,6 +128,20 @@ def test_unreadable_document_or_config_exit_2(tmp_path):
     assert missing.returncode == 2
 
 
+def test_the_pull_limits_apply_to_a_task_document(tmp_path):
+    """Over 16 MiB (a pulled page's limit) the document is refused whole, before it
+    is read into memory; an ``oversize`` stand-in fails that task by name."""
+    big = task("RunScript", {"script": "true\n#" + "x" * (16 * 2**20)})
+    result, events = run_task(tmp_path, big)
+    assert result.returncode == 2 and events == []
+    assert "is over 16,777,216 bytes, the most a task document may hold" in result.stderr
+    stand_in = f'<Task id="{uuid.uuid4()}" type="RunScript" oversize="20000000"/>'
+    result, events = run_task(tmp_path, stand_in, task("RunScript", {"script": "true"}))
+    assert result.returncode == 1 and states(events) == ["received", "failed", "received",
+                                                          "running", "succeeded"]
+    assert "the task is 20,000,000 bytes" in events[1]["message"]
+
+
 def test_leftover_and_escaped_processes_are_killed(tmp_path):
     marker = uuid.uuid4().hex
     script = (f"sh -c 'sleep 300; : {marker}' & "            # left in the script's group
