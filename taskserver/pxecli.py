@@ -39,6 +39,7 @@ from taskserver.pxe import (ACTIONS, LISTS, SETTINGS, TASK_TYPE, Computer, PXESt
                             check_config, check_name, check_setting, check_version, normalise_mac)
 from taskserver.checks import InvalidRequest
 from taskserver.store import TaskStore
+from taskserver.wakeup import PUBLISHED
 
 PROG = "dsagent-server"
 CSV_COLUMNS = ("mac", "name", "action", "config")
@@ -156,8 +157,8 @@ def report(store: TaskStore, sent: Sent, tickle: bool = True) -> None:
     if not tickle:
         return
     for client_id, answer in tickle_clients(store, sent.tasks).items():
-        if answer == "OK":
-            print(f"{PROG}: tickled {client_id}: OK", file=sys.stderr)
+        if answer == "OK" or (isinstance(answer, str) and answer.startswith(PUBLISHED)):
+            print(f"{PROG}: tickled {client_id}: {answer}", file=sys.stderr)
         else:
             why = answer if isinstance(answer, Exception) else f"it answered {answer}"
             print(f"{PROG}: warning: tickle of {client_id} failed: {why}; its task stays "
