@@ -3,8 +3,9 @@
 Run it as ``python -m objecthost --config FILE`` (standard library and
 ``agent.common`` only): :mod:`objecthost.server` is the process and the
 wake-up hop, :mod:`objecthost.connections` the sockets,
-:mod:`objecthost.frames` what a line is answered. What it does where §2
-leaves room:
+:mod:`objecthost.frames` what a line is answered; with ``[wakeup] mqtt``,
+:mod:`objecthost.mqttwake` takes the same lines from an MQTT broker (and
+loads paho-mqtt). What it does where §2 leaves room:
 
 - A connection carries one line and gets one answer line, then the objecthost
   closes it. Bytes after the first ``\\n`` are ignored (and drained, so the

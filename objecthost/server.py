@@ -4,7 +4,9 @@ Standard library only (plus the shared plumbing in ``agent.common``, which is
 too): this process listens on every interface, so it stays small. Its parts:
 :mod:`objecthost.connections` (the sockets), :mod:`objecthost.frames` (what
 a tickle line is answered) and this module, which ties them together, wakes
-the CTA for each accepted tickle and runs as ``python -m objecthost``.
+the CTA for each accepted tickle and runs as ``python -m objecthost``. With
+``[wakeup] mqtt`` set, :mod:`objecthost.mqttwake` also takes tickle lines
+from a broker (and only then is paho-mqtt loaded).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 from collections import Counter
 
 from agent.common.config import parse_hostport
-from agent.common.errors import ConfigError
+from agent.common.mqtt import parse_mqtt_url, require_paho
+from agent.common.errors import ConfigError, MqttError
 from agent.common import process
 from agent.common.statusfile import StatusFile
 from agent.common.tickle import MAX_LINE, load_hop_key, make_wake
@@ -67,6 +70,7 @@ class ObjectHost:
         self._forward_pending = False
         self._closing = False
         self._closed: asyncio.Event | None = None
+        self.mqtt = None                       # an objecthost.mqttwake.MqttWakeup, if configured
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -81,6 +85,8 @@ class ObjectHost:
         log.info("listening on %s; wake-ups go to %s", addrs, format_peer((self.cta_host, self.cta_port)))
         if self.gate.credentials is None:
             log.info("no credentials yet (not registered): tickles get ERR unknown-client until they appear")
+        if self.mqtt is not None:
+            self.mqtt.start(self._loop)
         return self.port
 
     async def serve_forever(self) -> None:
@@ -99,6 +105,8 @@ class ObjectHost:
             return
         self._closing = True
         self.connections.stop_listening()
+        if self.mqtt is not None:
+            await asyncio.to_thread(self.mqtt.stop)   # joins paho's thread, which may wait on us
         deadline = time.monotonic() + max(0.0, timeout)
         if self.connections.active:
             try:
@@ -211,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         listen_host, listen_port = parse_hostport(
             config.get("objecthost", "listen"), f"{config.path}: [objecthost] listen")
         cta_host, cta_port = parse_hostport(config.get("cta", "listen"), f"{config.path}: [cta] listen")
+        broker = config.get("wakeup", "mqtt")
+        broker = broker and parse_mqtt_url(broker, f"{config.path}: [wakeup] mqtt")
         creds = config.credentials()
     except ConfigError as exc:
         log.error("%s", " ".join(str(exc).split()))
@@ -219,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         hop_key = load_hop_key(config.state_dir, create=True)
     except (OSError, ValueError) as exc:
         log.error("cannot read or create %s: %s", config.state_dir / "hop.key", exc)
+        return 1
+    try:
+        if broker:
+            require_paho()
+    except MqttError as exc:
+        log.error("%s: [wakeup] mqtt is set, but %s", config.path, exc)
         return 1
 
     def loader():
@@ -229,6 +245,20 @@ def main(argv: list[str] | None = None) -> int:
                       creds.client_id if creds else None, creds.tickle_key if creds else None,
                       _connectable(cta_host), cta_port, hop_key, credentials=loader,
                       status=StatusFile(config.state_dir, "objecthost"))
+    if broker:
+        from objecthost.mqttwake import MqttWakeup
+
+        def client_id() -> str | None:
+            try:
+                known = host.gate.credentials or loader()
+            except (ConfigError, OSError, ValueError):
+                return None
+            return known[0] if known else None
+
+        host.mqtt = MqttWakeup(broker, config.get("wakeup", "mqtt_ca_file"), host.gate,
+                               client_id, host.status)
+    else:
+        host.status.update(mqtt={"state": "off"})
     _raise_fd_limit(host.max_connections)
     try:
         return asyncio.run(_serve(host))

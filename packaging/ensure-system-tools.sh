@@ -10,12 +10,15 @@ declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [pa
                 [systemd-analyze]=systemd)
 # The PXE site server and its tests (docs/pxe.md): dnsmasq is the engine, and
 # QEMU's iPXE ROM PXE-boots a VM (a Debian kernel, a busybox initrd) in a
-# network namespace. Checked by file, since these are not all commands.
+# network namespace. Checked by file, since these are not all commands. The MQTT
+# wake-up's tests start their own mosquitto (not the system's broker on 1883) and
+# fail without it.
 declare -A file=([/usr/sbin/dnsmasq]=dnsmasq-base [/usr/bin/qemu-system-x86_64]=qemu-system-x86
                  [/usr/sbin/nginx]=nginx-light
                  [/usr/lib/ipxe/qemu/pxe-virtio.rom]=ipxe-qemu [/usr/lib/ipxe/undionly.kpxe]=ipxe
                  [/bin/busybox]=busybox-static [/sbin/ip]=iproute2
-                 [/usr/bin/strip]=binutils)
+                 [/usr/bin/strip]=binutils
+                 [/usr/sbin/mosquitto]=mosquitto)
 missing=()
 for tool in "${!pkg[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || [ -x "/sbin/$tool" ] || missing+=("${pkg[$tool]}")

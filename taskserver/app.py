@@ -29,7 +29,8 @@ JSON ``{"error": "..."}``: 400 bad JSON or a bad field (named), 403
 registration refused, 404 unknown path, 405 wrong method, 411 no
 Content-Length, 413 body over ``max_body`` bytes. The PXE side (lists,
 settings, changes fanned out as UpdateSBSInfo tasks) is taskserver/pxe.py;
-``tickle_clients`` tickles the PXE servers after a change.
+``tickle_clients`` tickles the PXE servers after a change. A client TCP cannot
+reach is woken over MQTT when a broker is given (taskserver/wakeup.py).
 
 Load: over ``max_in_flight`` requests at once, an API request is answered 503
 with ``Retry-After`` (3-8 s, spread so the agents do not come back in step;
@@ -54,9 +55,10 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agent.common.errors import DsagentError
-from agent.common.tickle import send_tickle
+from agent.common.errors import ConfigError, DsagentError, MqttError
+from agent.common.tickle import make_tickle, send_tickle
 
+from taskserver import wakeup
 from taskserver.api import MAX_IN_FLIGHT, Admission, Api, Reply, busy, error
 from taskserver.checks import InvalidRequest, parse_hostport
 from taskserver.imagestore import ImageStoreHTTP
@@ -87,11 +89,31 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
     of slow senders resets its oldest connections, and a busy one refills its
     rate limit within a fraction of a second. The jitter keeps a server that
     tickles many agents from retrying them all in step.
+
+    With a broker (``$DSAGENT_SERVER_MQTT``, taskserver/wakeup.py), a client
+    without a tickle address or that TCP cannot reach is woken over MQTT
+    instead: the answer is then ``published to mqtt://host:port``.
     """
     client = store.client(client_id)
     if client is None:
         raise TickleFailed(f"cannot tickle {client_id!r}: no such client")
-    addr = addr or client["tickle_addr"]
+    key = bytes.fromhex(client["tickle_key"])
+    try:
+        return _tickle_tcp(client_id, key, addr or client["tickle_addr"], timeout)
+    except TickleFailed as failed:
+        try:
+            broker = wakeup.publisher()
+            answer = broker and broker.publish(client_id, make_tickle(client_id, key), timeout)
+        except (MqttError, ConfigError) as exc:
+            raise TickleFailed(f"{failed}; and over MQTT: {exc}") from None
+        if answer is None:
+            raise
+        log.info("%s; woken over MQTT instead", failed)
+        return answer
+
+
+def _tickle_tcp(client_id: str, key: bytes, addr: str | None, timeout: float) -> str:
+    """The TCP tickle of :func:`tickle_client` (its answer, or TickleFailed)."""
     if not addr:
         raise TickleFailed(f"cannot tickle {client_id!r}: no tickle address is known "
                            "(enroll with --tickle HOST:PORT, or give it one: dsagent-server "
@@ -100,7 +122,6 @@ def tickle_client(store: TaskStore, client_id: str, timeout: float = 5.0,
         host, port = parse_hostport(addr)
     except InvalidRequest as exc:
         raise TickleFailed(f"cannot tickle {client_id!r}: bad tickle address: {exc}") from None
-    key = bytes.fromhex(client["tickle_key"])
     for retry in (False, True):
         try:
             answer = send_tickle(host, port, client_id, key, timeout=timeout)

@@ -2,7 +2,7 @@
 
     dsagent-server serve   --db FILE|postgresql://… --listen HOST:PORT [--enrollment-key K]
                            [--poll-interval S] [--workers N]   # N: PostgreSQL only (uvicorn)
-                           [--image-store DIR] [--allow-unknown-computers]
+                           [--image-store DIR] [--allow-unknown-computers] [--mqtt URL]
     dsagent-server enroll  --db FILE --client-id ID [--tickle HOST:PORT]
                            [--agent-config FILE --server-url URL --state-dir DIR [--set SECTION.KEY=VALUE ...]]
     dsagent-server queue   --db FILE --client ID [--client ID ...] (FILE.xml | --type T
@@ -13,7 +13,7 @@
     dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
                                      # the automation environment (docs/automation-base.md)
     dsagent-server cancel  --db FILE (--task ID [--task ID ...] | --client ID) [--force]
-    dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT]
+    dsagent-server tickle  --db FILE --client ID [--addr HOST:PORT] [--mqtt URL]
     dsagent-server set-tickle --db FILE --client ID --addr HOST:PORT
     dsagent-server status  --db FILE [--client ID] [--task ID] [--json]
     dsagent-server clients --db FILE [--json]
@@ -31,6 +31,11 @@ Every command but ``serve`` works on the database directly, so it can run
 while a server process serves the same file. Exit status: 0 done, 1 failed
 (tickle not answered OK, unknown client or task, bad task, unknown MAC, bad
 CSV row), 2 usage error (a bad MAC, ACTION, config name or setting too).
+
+Every command that tickles wakes a client TCP cannot reach over MQTT when
+given a broker: ``--mqtt mqtt(s)://[user:password@]host[:port]`` (``serve``,
+``tickle``) or the environment variable ``DSAGENT_SERVER_MQTT`` (all of them);
+see taskserver/wakeup.py.
 
 The ``pxe`` commands (taskserver/pxecli.py, docs/taskserver-pxe.md) store a
 console change, queue UpdateSBSInfo tasks for every PXE server and tickle
@@ -54,6 +59,7 @@ from typing import Any
 from agent.common.config import SCHEMA as AGENT_SCHEMA, check_config, render_config, write_private
 from agent.common.errors import DsagentError
 
+from taskserver import wakeup
 from taskserver.app import TaskServer, tickle_client
 from taskserver.basecli import add_commands as add_base_commands
 from taskserver.deploy import add_commands as add_deploy_commands
@@ -341,7 +347,7 @@ def cmd_tickle(args: argparse.Namespace) -> int:
     with TaskStore(args.db) as store:
         answer = tickle_client(store, args.client, timeout=args.timeout, addr=args.addr)
     print(answer)
-    return 0 if answer == "OK" else 1
+    return 0 if answer == "OK" or answer.startswith(wakeup.PUBLISHED) else 1
 
 
 def cmd_set_tickle(args: argparse.Namespace) -> int:
@@ -402,6 +408,12 @@ def _hostport(value: str, option: str, allow_zero: bool = False) -> tuple[str, i
         raise CliError(f"{option}: {exc}") from None
 
 
+def add_mqtt_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mqtt", type=wakeup.check_url, metavar="URL",
+                        help="a broker (mqtt://… or mqtts://…) to wake clients TCP cannot "
+                             f"reach; default ${wakeup.ENV}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="The dsagent reference task server (PROTOCOL.md §3) and its tools.")
@@ -432,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --db postgresql://…: drop statuses older than D days, a month "
                         "at a time (0 keeps all; default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    add_mqtt_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = command("enroll", "create a client and print its credentials as `key = value` lines")
@@ -470,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", required=True, metavar="ID")
     p.add_argument("--addr", metavar="HOST:PORT", help="tickle this address instead")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S")
+    add_mqtt_option(p)
     p.set_defaults(func=cmd_tickle)
 
     p = command("set-tickle", "remember where a client's objecthost listens (a client that "
@@ -496,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "mqtt", None):
+        wakeup.use_broker(args.mqtt)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
     try:

@@ -23,6 +23,9 @@ Extensions to §6 (documented in docs/config.md):
   rotated file (see agent/common/logsetup.py).
 - ``[pxe]`` (§6): needs ``[handlers] sbs_dir`` too (the folder the PXE
   Interface reads); ``tftp_root`` defaults to ``[handlers] preboot_store``.
+- ``[wakeup] mqtt``: the optional MQTT wake-up (a broker URL, ``mqtt://`` or
+  ``mqtts://``, user:password allowed; off when unset) and ``mqtt_ca_file``, a
+  private CA for ``mqtts://``; see agent/common/mqtt.py.
 - ``[trace] listen``: the remote trace stream (the seed's Remote Trace), off
   when empty; see agent/tools/trace.py.
 - ``[handlers] image_store`` on the task server's own origin (same scheme,
@@ -47,6 +50,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from agent.common.errors import ConfigError
+from agent.common.mqtt import parse_mqtt_url
 
 REQUIRED = object()
 DEFAULT_CONFIG_PATH = "/etc/dsagent/agent.toml"   # where the Debian package puts it
@@ -67,6 +71,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "logging": {"dir": (str, ""), "format": (str, "text"), "level": (str, "INFO"),
                 "max_bytes": (int, 10 * 1024 * 1024), "backups": (int, 5)},
     "trace": {"listen": (str, "")},
+    "wakeup": {"mqtt": (str, None), "mqtt_ca_file": (str, None)},
     "pxe": {"interface": (str, REQUIRED), "tftp_root": (str, None)},
 }
 
@@ -206,6 +211,9 @@ SECRET_KEYS = (("agent", "token"), ("agent", "tickle_key"), ("agent", "enrollmen
 def _check_mode(path: str, config: "Config") -> None:
     """Refuse a config holding secrets that other users can read (SECURITY.md)."""
     secrets = [f"[{s}] {k}" for s, k in SECRET_KEYS if config.sections.get(s, {}).get(k)]
+    broker = config.get("wakeup", "mqtt")
+    if broker and parse_mqtt_url(broker, "").password is not None:
+        secrets.append("[wakeup] mqtt's password")
     if not secrets:
         return
     mode = os.stat(path).st_mode & 0o777
@@ -291,6 +299,7 @@ def _check_values(config: Config) -> None:
     if config.get("trace", "listen"):
         parse_hostport(config.get("trace", "listen"), f"{where}: [trace] listen")
     _check_agent(config)
+    _check_wakeup(config)
     key = config.get("agent", "tickle_key")
     if key is not None:
         try:
@@ -338,6 +347,19 @@ def _check_agent(config: Config) -> None:
             isinstance(part, str) and part and "\0" not in part for part in command)):
         raise ConfigError(f"{where}: [agent] reboot_command must be a list of strings, the "
                           "program first, e.g. [\"systemctl\", \"reboot\"]")
+
+
+def _check_wakeup(config: Config) -> None:
+    """``[wakeup]``: a broker URL, and a CA file only for ``mqtts://``."""
+    where, broker, ca_file = config.path, config.get("wakeup", "mqtt"), \
+        config.get("wakeup", "mqtt_ca_file")
+    url = parse_mqtt_url(broker, f"{where}: [wakeup] mqtt") if broker is not None else None
+    if ca_file is not None and (url is None or not url.tls):
+        raise ConfigError(f"{where}: [wakeup] mqtt_ca_file is for an mqtts:// broker; "
+                          "[wakeup] mqtt is " + ("not set" if url is None else str(url)))
+    if ca_file is not None and not os.path.isabs(ca_file):
+        raise ConfigError(f"{where}: [wakeup] mqtt_ca_file must be an absolute path, "
+                          f"got {ca_file!r}")
 
 
 def reboot_command(config: Config) -> list[str]:

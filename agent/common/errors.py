@@ -11,6 +11,7 @@
     ├── TickleRefused        a tickle or wake-up line refused; .code is the ERR code
     ├── SBSParseError        an SBS file is not a §7 document (agent.pxe.sbsdoc)
     ├── InterfaceError       a scan of the SBS folder could not finish (agent.pxe.interface)
+    ├── MqttError            the MQTT broker is unreachable, refused us or did not answer
     └── ServerError          the task server is unreachable or answered badly
         ├── AuthError        the server refused our token (401/403)
         └── ServerBusy       503/429: .retry_after (seconds) if it said when to come back
@@ -55,6 +56,18 @@ class TaskFailed(DsagentError):
     def __init__(self, message: str, details: dict | None = None):
         super().__init__(message)
         self.details = dict(details or {})
+
+
+class MqttError(DsagentError):
+    """The MQTT wake-up's broker is unreachable, refused us, or did not answer in time.
+
+    ``kind``: ``connect``, ``tls``, ``refused`` (CONNACK: credentials),
+    ``subscribe`` (SUBACK: the broker's ACL) or ``timeout``.
+    """
+
+    def __init__(self, message: str, kind: str = "connect"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class TickleRefused(DsagentError):

@@ -28,7 +28,9 @@ from urllib.parse import urlsplit
 import psutil
 
 from agent.common.config import Config, _check_mode, load_config, parse_hostport
-from agent.common.errors import ConfigError, DsagentError, ServerError, TaskDocumentError
+from agent.common.errors import ConfigError, DsagentError, MqttError, ServerError, \
+    TaskDocumentError
+from agent.common.mqtt import parse_mqtt_url, probe as mqtt_probe, wake_topic
 from agent.plugin import CheckResult, DoctorCheck
 from agent.plugin.checks import CHECK_STATUSES
 from agent.plugin.manager import HandlerRegistry, load_handlers
@@ -58,6 +60,15 @@ TICKLE_ADVICE = {          # §2 code -> (cause, what to do); bad-frame and busy
               "synchronise the clocks (NTP) of the task server and this machine"),
     "replay": ("its nonce had been used already", "the task server must send a fresh nonce "
                "with every tickle"),
+}
+MQTT_ADVICE = {             # MqttError.kind -> what to do
+    "connect": "start the broker, or fix the host and port of {key}; check DNS and that the "
+               "firewall lets this machine connect out to it",
+    "tls": "give the broker a certificate for its name, or set [wakeup] mqtt_ca_file to the "
+           "CA that signed it; never turn verification off",
+    "refused": "fix the user:password of {key} or the broker's password file",
+    "subscribe": "let this client read {topic} in the broker's ACL (SECURITY.md)",
+    "timeout": "check that {key} names an MQTT broker and that it is not overloaded",
 }
 
 
@@ -115,12 +126,21 @@ class Doctor:
             return Result(name, found.status, found.finding, found.action)
         return [(name, lambda n=name, c=check: run(n, c)) for name, check in PXE_CHECKS]
 
+    def mqtt_checks(self) -> list[tuple[str, Callable[[], Result]]]:
+        """The MQTT wake-up's row, only with [wakeup] mqtt."""
+        try:
+            if not load_config(self.path, check_mode=False).get("wakeup", "mqtt"):
+                return []
+        except (DsagentError, OSError):
+            return []   # the config check says why
+        return [("mqtt-wakeup", self.check_mqtt_wakeup)]
+
     def run(self, bar: ProgressBar) -> list[Result]:
         bar.update(0, "loading the handler plugins", force=True)
         self.registry = _load_plugins()
         at = [name for name, _ in self.checks].index("clock") + 1
         checks = self.checks[:at] + self.plugin_checks() + self.checks[at:-1] \
-            + self.pxe_checks() + self.checks[-1:]
+            + self.mqtt_checks() + self.pxe_checks() + self.checks[-1:]
         results = []
         for index, (name, check) in enumerate(checks):
             bar.update(100 * index / len(checks),
@@ -385,6 +405,35 @@ class Doctor:
                           f"poll timer", f"if that was the task server: {action}")
         last = f"; last accepted {human_age(now - accepted['at'])} ago" if accepted else ""
         return Result(name, "ok", f"{counts} since the objecthost started{last}")
+
+    def check_mqtt_wakeup(self) -> Result:
+        """Connect to the broker and subscribe to our wake topic as the objecthost
+        does (a throw-away session, so the objecthost's is not taken over)."""
+        name, key = "mqtt-wakeup", f"[wakeup] mqtt in {self.path}"
+        url = parse_mqtt_url(self.config.get("wakeup", "mqtt"), key)
+        try:
+            creds = self.config.credentials()
+        except ConfigError as exc:
+            return Result(name, "skip", str(exc), "see the server check")
+        if creds is None:
+            return Result(name, "skip", "not registered yet: no client id to subscribe for",
+                          "see the server check")
+        topic = wake_topic(creds.client_id)
+        try:
+            mqtt_probe(url, topic, self.config.get("wakeup", "mqtt_ca_file"), SERVER_TIMEOUT_S)
+        except ImportError:
+            return Result(name, "fail", "paho-mqtt is not installed (the MQTT wake-up needs it)",
+                          "install dsagent's dependencies again: pip install 'paho-mqtt>=2.0'")
+        except MqttError as exc:
+            return Result(name, "fail", str(exc), MQTT_ADVICE[exc.kind].format(key=key, topic=topic))
+        found = f"{url} let us connect and subscribe to {topic}"
+        link = read_all(self.config.state_dir).get("objecthost", {}).get("mqtt") or {}
+        if link.get("state") == "reconnecting":
+            return Result(name, "warn", f"{found}, but the objecthost reports: "
+                          f"{link.get('reason')}", "restart the agent if it persists; "
+                          "dsagent logs --since 1h shows the objecthost's attempts")
+        state = {"connected": "; the objecthost is subscribed"}.get(link.get("state"), "")
+        return Result(name, "ok", found + state)
 
     def check_outbox(self) -> Result:
         name = "outbox"

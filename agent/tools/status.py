@@ -96,6 +96,7 @@ def gather(state_dir: Path) -> dict[str, Any]:
         },
         "tickles": {key: host.get(key) for key in
                     ("accepted", "refused", "last_accepted", "last_refused")},
+        "mqtt_wakeup": host.get("mqtt"),
         **({"pxe": {key: facts["pxe"].get(key) for key in PXE_FACTS}} if "pxe" in facts else {}),
     }
 
@@ -171,9 +172,24 @@ def render(status: dict[str, Any]) -> str:
             f"{human_age(time.time() - last.get('at', 0))} ago from {format_peer(last.get('peer'))}"
             + (f" ({last['code']})" if last.get("code") else ""))
         lines.append(f"tickles {kind}: {tickles.get(kind) or 0}; last {text}")
+    lines.append(_render_mqtt(status.get("mqtt_wakeup")))
     if "pxe" in status:
         lines.extend(_render_pxe(status["pxe"]))
     return "\n".join(lines)
+
+
+def _render_mqtt(link: dict[str, Any] | None) -> str:
+    """The MQTT wake-up's link as the objecthost reported it ([wakeup] mqtt)."""
+    if not link:
+        return "mqtt wake-up: unknown (the objecthost has not reported)"
+    state = link.get("state")
+    if state == "off":
+        return "mqtt wake-up: off ([wakeup] mqtt is not set)"
+    where = f"{link.get('broker')} ({link.get('topic') or 'no topic yet'})"
+    if state == "connected":
+        return f"mqtt wake-up: connected to {where} for {human_age(time.time() - link.get('since', 0))}"
+    return (f"mqtt wake-up: {state} to {where}: {link.get('reason') or 'no reason given'} "
+            f"({human_age(time.time() - link.get('at', 0))} ago)")
 
 
 def _render_pxe(pxe: dict[str, Any]) -> list[str]:
