@@ -6,9 +6,11 @@ partclone (bench/imaging.py); ``pxe`` three PXE site servers answering a
 console change and serving boot scripts (bench/pxe.py; root and dnsmasq);
 ``deployment`` DeployImage over HTTP vs a folder, the automation initrd and a
 VM's PXE boot until its agent registers (bench/deployment.py; root and QEMU);
-``fleet`` thousands of simulated agents against the reference task server:
-steady polling, a tickled fan-out, an outage and the return (bench/fleet.py;
-``--agents``, ``--shards``, ``--seed``; a few minutes, so not part of ``all``);
+``fleet`` thousands of simulated agents against the reference task servers,
+the built-in one on SQLite and the ASGI one on PostgreSQL side by side
+(``--server``): steady polling, a tickled fan-out, an outage and the return
+(bench/fleet.py; ``--agents``, ``--shards``, ``--seed``, ``--workers``; minutes,
+so not part of ``all``);
 ``all`` (also ``--all``) runs the first four.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
@@ -216,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int,
                         help="fleet: processes the agents are spread over (default 2, quick 1)")
     parser.add_argument("--seed", type=int, help="fleet: seed of all its randomness (default 14)")
+    parser.add_argument("--server", choices=("builtin", "asgi", "both"), default="both",
+                        help="fleet: the built-in server (SQLite), the ASGI one (PostgreSQL, "
+                             "uvicorn), or both one after the other (default)")
+    parser.add_argument("--workers", type=int,
+                        help="fleet: uvicorn worker processes of the ASGI server (default 2)")
     parser.add_argument("--workdir",
                         help="where to put the chain and the disks (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
@@ -259,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             deployment_text = deployment_bench.section(workdir / "deployment", args.quick)
         if suite == "fleet":
             fleet_text = fleet_bench.section(workdir, args.quick, args.agents, args.shards,
-                                             args.seed)
+                                             args.seed, args.server, args.workers)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -12,8 +12,9 @@ task server, as the three agent processes would, without their processes:
   GETs ``tasks?limit=100&max_bytes=16777216``, parses the document with
   ``parse_client_tasks`` and pulls again at once on ``more="true"``;
 - a no-op "handler" per new task: ``received``, ``running``, then after a
-  short random run ``succeeded`` (``failed`` for a task the parser rejected,
-  an ``oversize`` one included), each event written to an in-memory outbox;
+  short random run (longer by the task's ``run_s`` parameter) ``succeeded``
+  (``failed`` for a task the parser rejected, an ``oversize`` one included),
+  each event written to an in-memory outbox;
 - an uploader posting the outbox in batches of up to 500.
 
 Back-off follows the outbox's v1.1 rules, per endpoint: ``Retry-After`` on
@@ -54,6 +55,7 @@ KEEPALIVE_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 TICKLE_READ_TIMEOUT_S = 5.0
 RUN_S = (0.05, 0.5)          # how long a no-op task "runs"
+RUN_PARAM = "run_s"          # a task parameter: run that much longer (bench/fleet.py's outage)
 TASKS, STATUS = "tasks", "status"
 TERMINAL = ("succeeded", "failed")
 NO_ANSWER, TIMED_OUT = 0, -1       # a request's "status" when no HTTP answer came
@@ -264,14 +266,14 @@ class SimAgent:
         now = time.time()
         for task in doc.tasks:
             if task.id not in self.tasks_seen:
-                self._start(task.id, now, None)
+                self._start(task.id, now, None, float(task.parameters.get(RUN_PARAM, 0)))
         for rejected in doc.rejected:
             if rejected.task_id not in self.tasks_seen:
                 self._start(rejected.task_id, now, rejected.message)
         return doc.more
 
     # -- the no-op handler --------------------------------------------------------
-    def _start(self, task_id: str, now: float, refusal: str | None) -> None:
+    def _start(self, task_id: str, now: float, refusal: str | None, hold_s: float = 0.0) -> None:
         self.tasks_seen.add(task_id)
         tickled = self.tickled_at if now - self.tickled_at < REQUEST_TIMEOUT_S else 0.0
         self.records.tasks[task_id] = [tickled, now, 0.0, 0.0]
@@ -279,11 +281,11 @@ class SimAgent:
         if refusal is not None:
             self._record(task_id, "failed", refusal)
         else:
-            asyncio.get_running_loop().create_task(self._run(task_id))
+            asyncio.get_running_loop().create_task(self._run(task_id, hold_s))
 
-    async def _run(self, task_id: str) -> None:
+    async def _run(self, task_id: str, hold_s: float) -> None:
         self._record(task_id, "running")
-        await asyncio.sleep(self.rng.uniform(*RUN_S))
+        await asyncio.sleep(hold_s + self.rng.uniform(*RUN_S))
         self._record(task_id, "succeeded")
 
     def _record(self, task_id: str, state: str, message: str = "") -> None:

@@ -1,9 +1,10 @@
 """The fleet simulator's agents (bench/fleetagent.py) against a real TaskServer.
 
 The bench's numbers are only worth something if its agents follow the
-protocol: every task they are given reaches a terminal status at the server,
-their tickle listeners refuse what an objecthost refuses, and an upload
-outage makes them back off rather than hammer the server.
+protocol: every task they are given reaches a terminal status at the server
+(the built-in one, and the ASGI one on PostgreSQL as bench/fleetservers.py
+starts it), their tickle listeners refuse what an objecthost refuses, and an
+upload outage makes them back off rather than hammer the server.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from agent.common.tickle import exchange_line, make_tickle
 from bench import fleetagent
 from bench.fleetagent import AgentSpec, Shard, loopback_address
+from bench.fleetservers import ServerProcess
 from taskserver.app import TaskServer, tickle_clients
 from taskserver.store import TaskStore
 
@@ -24,9 +26,10 @@ AGENTS = 20
 
 
 class Fleet:
-    """A shard of simulated agents on an event loop in a thread, enrolled at ``server``."""
+    """A shard of simulated agents on an event loop in a thread, enrolled in
+    ``store`` and pulling from the server on ``port``."""
 
-    def __init__(self, store: TaskStore, server: TaskServer):
+    def __init__(self, store: TaskStore, port: int):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -40,7 +43,7 @@ class Fleet:
             creds[spec.client_id] = (enrolled["token"], enrolled["tickle_key"])
 
         async def start():
-            self.shard.start(creds, "127.0.0.1", server.port, time.time(), 0.5)
+            self.shard.start(creds, "127.0.0.1", port, time.time(), 0.5)
         self.run(start())
 
     def run(self, coro):
@@ -57,7 +60,7 @@ class Fleet:
 def fleet(tmp_path):
     store = TaskStore(str(tmp_path / "taskserver.db"))
     server = TaskServer(store).start()
-    fleet = Fleet(store, server)
+    fleet = Fleet(store, server.port)
     try:
         yield store, server, fleet
     finally:
@@ -111,3 +114,24 @@ def test_a_status_outage_is_waited_out_with_backoff(fleet, monkeypatch):
     assert store.wait_terminal(ids, 10)
     assert min(posts) >= 1 and sum(posts) <= 8 * AGENTS
     assert min(pulls) >= 2
+
+
+def test_every_tickled_task_ends_on_the_asgi_server_on_postgresql(pg_dsn, tmp_path):
+    """The fleet against `dsagent-server serve` on PostgreSQL (uvicorn, 2
+    workers), started as bench/fleet.py starts it."""
+    server = ServerProcess(pg_dsn, tmp_path / "server.log", poll_s=30, workers=2)
+    server.start()
+    store, fleet = TaskStore(pg_dsn), None
+    try:
+        fleet = Fleet(store, server.port)
+        ids = [store.queue_task(spec.client_id, "FleetNoop") for spec in fleet.specs]
+        answers = tickle_clients(store, [spec.client_id for spec in fleet.specs])
+        assert set(answers.values()) == {"OK"}
+        assert store.wait_terminal(ids, 10)
+        assert {task["state"] for task in store.history()} == {"succeeded"}
+    finally:
+        if fleet is not None:
+            assert fleet.close().crashes == []
+        server.stop()
+        store.close()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
