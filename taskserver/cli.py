@@ -311,8 +311,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
             # every computer's tokens first: one unknown token queues nothing
             each = {client: expand(params, facts_of(store.client(client), client), client)
                     for client in clients}
-            queued = [(client, store.queue_task(client, args.type, each[client], args.timeout))
-                      for client in clients]
+            queued = list(store.queue_for_clients(
+                {client: (args.type, each[client], args.timeout) for client in clients}).items())
         for client, task_id in queued:
             print(task_id if len(clients) == 1 else f"{client}\t{task_id}")
         sys.stdout.flush()

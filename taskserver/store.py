@@ -352,6 +352,16 @@ class TaskStore:
         """Queue one task for ``client_id``; return its id (a new UUID unless given)."""
         return self._insert_tasks(client_id, [check_task_fields(type, params, timeout, task_id)])[0]
 
+    def queue_for_clients(self, per_client: Mapping[str, tuple]) -> dict[str, str]:
+        """Queue one task for each client in one transaction (all or none):
+        ``{client_id: (type, params, timeout)}`` -> ``{client_id: task_id}``. A
+        console queueing for thousands pays one commit, not one each."""
+        checked = {client: check_task_fields(type_, params, timeout, None)
+                   for client, (type_, params, timeout) in per_client.items()}
+        with self._write() as conn:
+            return {client: self._insert_tasks(client, [task], conn)[0]
+                    for client, task in checked.items()}
+
     def queue_xml(self, client_id: str, xml_text: str | bytes) -> list[str]:
         """Queue every ``<Task>`` of a §3 document (all or none); return their ids.
 

@@ -23,7 +23,7 @@ import xmltodict
 from agent.common.config import load_config
 from conftest import TickleListener
 from taskserver import TaskStore, TickleFailed
-from taskserver.checks import InvalidRequest, RegistrationRefused
+from taskserver.checks import InvalidRequest, RegistrationRefused, UnknownClient
 
 BACKENDS = ("sqlite", "postgresql")   # conftest.py: each test on both databases
 
@@ -451,3 +451,19 @@ def test_cli_serve_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_queue_for_many_clients_is_one_transaction_all_or_none(store):
+    for cid in ("pc-a", "pc-b"):
+        store.enroll(cid)
+    with pytest.raises(UnknownClient):
+        store.queue_for_clients({"pc-a": ("RunScript", {"script": "true"}, None),
+                                 "nobody": ("RunScript", {"script": "true"}, None)})
+    assert store.pending_tasks("pc-a") == []               # none queued: all or none
+    ids = store.queue_for_clients({c: ("RunScript", {"script": f"echo {c}"}, 60)
+                                   for c in ("pc-a", "pc-b")})
+    assert list(ids) == ["pc-a", "pc-b"]
+    for cid, task_id in ids.items():
+        [task] = store.pending_tasks(cid)
+        assert (task["task_id"], task["params"], task["timeout"]) == (
+            task_id, {"script": f"echo {cid}"}, 60)
