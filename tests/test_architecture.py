@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("agent", "handlers", "objecthost", "ctdataloader", "taskserver")
 HANDLER_PACKAGES = ("handlers.runscript", "handlers.sbs", "handlers.imaging", "handlers.bootwiz",
-                    "handlers.reboot")
+                    "handlers.reboot", "handlers.replication")
 THIRD_PARTY = ("pluggy", "httpx", "xmltodict", "psutil", "apscheduler", "zstandard",
                "inotify_simple")
 

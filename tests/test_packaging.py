@@ -24,7 +24,8 @@ from packaged import FAKE_BIN, PATH, PYTHONS, ROOT, VERSION, Root, needs_dpkg, o
 
 UNITS = ROOT / "packaging" / "systemd"
 BUILTIN_TYPES = ("BootWizRebuild", "CreateBackupImage", "CreateImage", "DeployImage",
-                 "Reboot", "RestoreBackupImage", "RunScript", "UpdateSBSInfo")
+                 "Reboot", "ReplicatePackage", "RestoreBackupImage", "RunScript",
+                 "UpdateSBSInfo")
 
 
 # -- systemd units -------------------------------------------------------------

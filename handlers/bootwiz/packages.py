@@ -12,14 +12,14 @@ import posixpath
 import re
 import stat
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from handlers.bootwiz.cpio import CHUNK
 from handlers.bootwiz.errors import BootWizError, Cancelled, check_name, describe_oserror
+from handlers.shared.relpath import rel_path_problem
 
 SHA_RE = re.compile(r"[0-9a-fA-F]{64}")
 MAX_MANIFEST = 16 << 20
-MAX_PATH_LEN = 1024
 
 
 def parse_drivers(text: str | None) -> list[str]:
@@ -48,26 +48,6 @@ class DriverFile:
 
     def __post_init__(self) -> None:
         self.initrd_path = self.initrd_path or self.path
-
-
-def _check_rel_path(path: Any) -> str | None:
-    """Why ``path`` is not an acceptable relative file path, or None."""
-    if not isinstance(path, str) or not path:
-        return "not a non-empty string"
-    if any(ch in path for ch in "\0\n\r"):
-        return "contains NUL or a line break"
-    if len(path) > MAX_PATH_LEN:
-        return f"longer than {MAX_PATH_LEN} characters"
-    if path.startswith("/"):
-        return "absolute"
-    if "\\" in path:
-        return "contains a backslash"
-    parts = path.split("/")
-    if ".." in parts:
-        return "contains '..'"
-    if posixpath.normpath(path) != path or "." in parts:
-        return "not normalised"
-    return None
 
 
 class PackageChecker:
@@ -147,7 +127,7 @@ class PackageChecker:
                 raise Cancelled("cancelled while checking driver packages")
             path = item.get("path") if isinstance(item, dict) else None
             digest = item.get("sha256") if isinstance(item, dict) else None
-            why = _check_rel_path(path)
+            why = rel_path_problem(path)
             if why:
                 self._problem(pid, f"driver package '{pid}': manifest.json files[{index}] path "
                               f"{path!r} is not allowed ({why})", str(path))

@@ -1,0 +1,259 @@
+"""ReplicatePackage (PROTOCOL.md §4, issue #15): a package made equal to its
+source of truth over real HTTP on loopback, through the real dispatch
+(``dsagent_run``): only what changed is fetched, a cut connection resumes, a
+byte corrupted on the wire is caught and fetched again, deletions follow the
+source, a bad manifest changes nothing, and a reader keeps the version it
+found (handlers/replication/)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from handlers.bootwiz.packages import PackageChecker
+
+PKG = "nic-e1000"
+
+
+class Source:
+    """A source of truth: a folder served over HTTP with Range, and faults on demand
+    (``cut[path] = n``: close after n bytes once; ``corrupt[path] = k``: flip a
+    byte in the next k answers)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cut: dict[str, int] = {}
+        self.corrupt: dict[str, int] = {}
+        self.bytes_sent = 0
+        source = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.translate_path(self.path)
+                rel = os.path.relpath(path, root)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                data = Path(path).read_bytes()
+                start = 0
+                ranged = self.headers.get("Range")
+                if ranged and ranged.startswith("bytes="):
+                    start = int(ranged[6:].split("-")[0])
+                body = bytearray(data[start:])
+                if source.corrupt.get(rel, 0) > 0 and body:
+                    source.corrupt[rel] -= 1
+                    body[len(body) // 2] ^= 0xFF
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                limit = source.cut.pop(rel, None)
+                out = bytes(body if limit is None else body[:limit])
+                self.wfile.write(out)
+                source.bytes_sent += len(out)
+                if limit is not None:
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, package: str = PKG) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{package}/"
+
+    def write(self, files: dict[str, bytes], package: str = PKG) -> None:
+        """The package's files and its manifest at the source."""
+        folder = self.root / package
+        shutil.rmtree(folder, ignore_errors=True)
+        for path, data in files.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(data)
+        manifest = {"id": package, "files": [
+            {"path": p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+            for p, d in files.items()]}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def source(tmp_path):
+    s = Source(tmp_path / "source")
+    s.root.mkdir()
+    yield s
+    s.server.shutdown()
+
+
+def files_v1() -> dict[str, bytes]:
+    return {"e1000.ko": os.urandom(300_000), "firmware/e1000.bin": os.urandom(120_000),
+            "README": b"intel e1000\n"}
+
+
+def replicate(dsagent_run, store: Path, url: str, **handlers):
+    run = dsagent_run("ReplicatePackage", {"package": PKG, "kind": "driver", "source": url},
+                      handlers={"package_store": str(store), **handlers}, wait_s=120)
+    return run
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_a_driver_package_replicates_and_bootwiz_accepts_it(dsagent_run, source, tmp_path):
+    store = tmp_path / "packages"
+    store.mkdir()
+    files = files_v1()
+    source.write(files)
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "succeeded", run.log
+    assert run.details["files"] == 3 and run.details["bytes_reused"] == 0
+    assert run.details["bytes_fetched"] == sum(map(len, files.values()))
+    assert (store / PKG).is_symlink() and tree(store / PKG) == files
+    checker = PackageChecker(str(store), lambda: False, lambda n: None)
+    assert len(checker.check(PKG)) == 3 and checker.problems == []
+
+    again = replicate(dsagent_run, store, source.url())            # nothing changed
+    assert again.details.get("unchanged") is True and again.details["bytes_fetched"] == 0
+
+
+def test_a_changed_file_is_the_only_one_fetched_and_a_reader_keeps_its_version(
+        dsagent_run, source, tmp_path):
+    store = tmp_path / "packages"
+    store.mkdir()
+    files = files_v1()
+    source.write(files)
+    replicate(dsagent_run, store, source.url())
+    reader = (store / PKG).resolve()                 # BootWiz resolves the folder once
+    old_ko = (reader / "e1000.ko").stat().st_ino
+    files["firmware/e1000.bin"] = os.urandom(130_000)
+    del files["README"]                              # gone at the source: gone here
+    source.write(files)
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "succeeded", run.log
+    assert run.details["files_fetched"] == ["firmware/e1000.bin"]
+    assert run.details["bytes_fetched"] == 130_000 and run.details["bytes_reused"] == 300_000
+    assert tree(store / PKG) == files
+    assert (store / PKG / "e1000.ko").stat().st_ino == old_ko        # linked, not copied
+    assert (reader / "README").exists() and len((reader / "firmware/e1000.bin").read_bytes()) \
+        == 120_000                                   # the reader's version is still whole
+
+
+def test_a_cut_connection_resumes_and_a_corrupt_byte_is_fetched_again(
+        dsagent_run, source, tmp_path):
+    store = tmp_path / "packages"
+    store.mkdir()
+    files = files_v1()
+    source.write(files)
+    source.cut[f"{PKG}/e1000.ko"] = 100_000
+    source.corrupt[f"{PKG}/firmware/e1000.bin"] = 1
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "succeeded", run.log
+    assert run.details["resumed"] == 1, run.details
+    assert tree(store / PKG) == files
+    # the resumed file came in two parts (no byte twice), the corrupt one twice
+    assert run.details["bytes_fetched"] == sum(map(len, files.values())) + 120_000
+
+
+def test_a_file_that_keeps_coming_wrong_fails_naming_it_and_changes_nothing(
+        dsagent_run, source, tmp_path):
+    store = tmp_path / "packages"
+    store.mkdir()
+    files = files_v1()
+    source.write(files)
+    replicate(dsagent_run, store, source.url())
+    before = (store / PKG).resolve()
+    files["e1000.ko"] = os.urandom(300_000)
+    source.write(files)
+    source.corrupt[f"{PKG}/e1000.ko"] = 5
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "failed"
+    assert "e1000.ko" in run.message and "sha256 differs" in run.message, run.message
+    assert (store / PKG).resolve() == before and "e1000.ko" in tree(before)
+
+
+@pytest.mark.parametrize("path, why", [
+    ("/etc/passwd", "absolute"), ("../escape", "contains '..'"), ("a\\b", "backslash"),
+    ("README", "repeats another")])
+def test_a_bad_manifest_path_is_refused_before_anything_is_written(
+        dsagent_run, source, tmp_path, path, why):
+    store = tmp_path / "packages"
+    store.mkdir()
+    source.write({"README": b"x"})
+    manifest = json.loads((source.root / PKG / "manifest.json").read_text())
+    manifest["files"].append({**manifest["files"][0], "path": path})
+    (source.root / PKG / "manifest.json").write_text(json.dumps(manifest))
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "failed" and why in run.message, run.message
+    assert list(store.iterdir()) == []
+
+
+def test_deletions_follow_the_source(dsagent_run, source, tmp_path):
+    store = tmp_path / "packages"
+    store.mkdir()
+    files = files_v1()
+    source.write(files)
+    replicate(dsagent_run, store, source.url())
+    (store / PKG / "README").unlink()                  # deleted at the replica: back again
+    run = replicate(dsagent_run, store, source.url())
+    assert run.details["files_fetched"] == ["README"] and tree(store / PKG) == files
+    shutil.rmtree(source.root / PKG)                   # deleted at the source: gone here
+    run = replicate(dsagent_run, store, source.url())
+    assert run.states[-1] == "succeeded" and run.details["deleted"] is True
+    assert [p.name for p in store.iterdir() if p.name != ".replicas"] == []
+    assert list((store / ".replicas").iterdir()) == []
+
+
+def test_a_full_disk_fails_clearly_and_the_version_in_place_stays_usable(source, tmp_path):
+    """The package store on a 1 MiB tmpfs (in a mount namespace of the run's own):
+    a first version fits, the next does not; the task fails saying so, and the
+    first version is still whole in place."""
+    import subprocess
+    import sys
+    import uuid
+
+    small = files_v1()
+    big = {**small, "firmware/huge.bin": os.urandom(1_500_000)}
+    source.write(small)
+    big_source = Source(tmp_path / "source2")
+    big_source.root.mkdir()
+    big_source.write(big)
+    store = tmp_path / "packages"
+    store.mkdir()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[handlers]\npackage_store = "{store}"\n')
+    docs = []
+    for name, url in (("v1", source.url()), ("v2", big_source.url())):
+        doc = tmp_path / f"{name}.xml"
+        doc.write_text(f'<ClientTasks><Task id="{uuid.uuid4()}" type="ReplicatePackage">'
+                       f'<Parameters><Parameter name="package">{PKG}</Parameter><Parameter '
+                       f'name="kind">driver</Parameter><Parameter name="source">{url}'
+                       '</Parameter></Parameters></Task></ClientTasks>')
+        docs.append(doc)
+    check = ("import hashlib,json,pathlib,sys; d=pathlib.Path(sys.argv[1]); print(json.dumps("
+             "{str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() "
+             "for p in sorted(d.rglob('*')) if p.is_file()}))")
+    script = (f'mount -t tmpfs -o size=1m tmpfs {store} && '
+              f'"$0" -m agent run-task {docs[0]} --json --config {config}; '
+              f'"$0" -m agent run-task {docs[1]} --json --config {config}; '
+              f'"$0" -c "$1" {store / PKG}')
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script, sys.executable, check], capture_output=True, text=True,
+                          timeout=120)
+    big_source.server.shutdown()
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    finals = [e for e in lines if e.get("state") in ("succeeded", "failed")]
+    assert [e["state"] for e in finals] == ["succeeded", "failed"], done.stdout + done.stderr
+    assert "no space left on device; the version in place is unchanged" in finals[1]["message"]
+    in_place = lines[-1]
+    assert {k: v for k, v in in_place.items() if k != "manifest.json"} == {
+        p: hashlib.sha256(d).hexdigest() for p, d in small.items()}
