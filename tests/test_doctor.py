@@ -417,7 +417,8 @@ def test_settings_for_a_plugin_that_is_not_installed(tmp_path, server, store):
                           {"example": {"greeting": "hi"}})
     code, checks = doctor(config)
     assert checks["handlers"]["status"] == "ok", checks["handlers"]
-    assert "from 6 plugin(s): bootwiz, example, imaging, reboot, runscript, sbs" in checks["handlers"]["finding"]
+    assert ("from 7 plugin(s): bootwiz, example, imaging, reboot, replication, runscript, sbs"
+            in checks["handlers"]["finding"])
 
 
 def install_plugin(root: Path, module: str, entry_name: str, source: str) -> Path:
