@@ -33,6 +33,7 @@ CLIENT_PATH_RE = re.compile(r"/api/v1/clients/([^/]+)/(tasks|status|pxe/startup|
 METHODS = {"register": "POST", "tasks": "GET", "status": "POST", "pxe/startup": "GET",
            "pxe/state": "POST"}
 UNAVAILABLE_RETRY_AFTER_S = (5, 15)   # the database is down: come back in a while, not at once
+MAX_BODY = 16 * 1024 * 1024          # a request body, on either server
 MAX_IN_FLIGHT = 64                     # requests served at once by one server process
 SHED_RETRY_AFTER_S = (3, 8)           # spread, so the shed agents do not come back in step
 

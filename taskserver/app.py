@@ -59,14 +59,13 @@ from agent.common.errors import ConfigError, DsagentError, MqttError
 from agent.common.tickle import make_tickle, send_tickle
 
 from taskserver import wakeup
-from taskserver.api import MAX_IN_FLIGHT, Admission, Api, Reply, busy, error
+from taskserver.api import MAX_BODY, MAX_IN_FLIGHT, Admission, Api, Reply, busy, error
 from taskserver.checks import InvalidRequest, parse_hostport
 from taskserver.imagestore import ImageStoreHTTP
 from taskserver.store import TaskStore
 
 log = logging.getLogger("taskserver")
 
-MAX_BODY = 16 * 1024 * 1024
 TICKLE_RETRY_DELAY_S = (0.05, 0.25)   # one retry of a reset or busy tickle, after a jittered pause
 SERVER_NAME = "dsagent-server/0.1"
 TICKLE_THREADS = 16

@@ -30,13 +30,12 @@ import socket
 import threading
 from contextlib import asynccontextmanager
 
-from taskserver.api import MAX_IN_FLIGHT, Admission, Api, busy, error
+from taskserver.api import MAX_BODY, MAX_IN_FLIGHT, Admission, Api, busy, error
 
 log = logging.getLogger("taskserver.asgi")
 
 KEEP_ALIVE_S = 65
 MAINTAIN_EVERY_S = 6 * 3600         # next months' event partitions made, old ones dropped
-MAX_BODY = 16 * 1024 * 1024
 ENV = "DSAGENT_SERVER_SETTINGS"     # JSON: db, enrollment_key, poll_interval_s, ...
 
 

@@ -93,6 +93,14 @@ def source(tmp_path):
     s.server.shutdown()
 
 
+@pytest.fixture
+def store(tmp_path) -> Path:
+    """The site server's package store (empty)."""
+    folder = tmp_path / "packages"
+    folder.mkdir()
+    return folder
+
+
 def files_v1() -> dict[str, bytes]:
     return {"e1000.ko": os.urandom(300_000), "firmware/e1000.bin": os.urandom(120_000),
             "README": b"intel e1000\n"}
@@ -109,9 +117,7 @@ def tree(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "manifest.json"}
 
 
-def test_a_driver_package_replicates_and_bootwiz_accepts_it(dsagent_run, source, tmp_path):
-    store = tmp_path / "packages"
-    store.mkdir()
+def test_a_driver_package_replicates_and_bootwiz_accepts_it(dsagent_run, source, store):
     files = files_v1()
     source.write(files)
     run = replicate(dsagent_run, store, source.url())
@@ -127,9 +133,7 @@ def test_a_driver_package_replicates_and_bootwiz_accepts_it(dsagent_run, source,
 
 
 def test_a_changed_file_is_the_only_one_fetched_and_a_reader_keeps_its_version(
-        dsagent_run, source, tmp_path):
-    store = tmp_path / "packages"
-    store.mkdir()
+        dsagent_run, source, store):
     files = files_v1()
     source.write(files)
     replicate(dsagent_run, store, source.url())
@@ -149,9 +153,7 @@ def test_a_changed_file_is_the_only_one_fetched_and_a_reader_keeps_its_version(
 
 
 def test_a_cut_connection_resumes_and_a_corrupt_byte_is_fetched_again(
-        dsagent_run, source, tmp_path):
-    store = tmp_path / "packages"
-    store.mkdir()
+        dsagent_run, source, store):
     files = files_v1()
     source.write(files)
     source.cut[f"{PKG}/e1000.ko"] = 100_000
@@ -165,9 +167,7 @@ def test_a_cut_connection_resumes_and_a_corrupt_byte_is_fetched_again(
 
 
 def test_a_file_that_keeps_coming_wrong_fails_naming_it_and_changes_nothing(
-        dsagent_run, source, tmp_path):
-    store = tmp_path / "packages"
-    store.mkdir()
+        dsagent_run, source, store):
     files = files_v1()
     source.write(files)
     replicate(dsagent_run, store, source.url())
@@ -185,9 +185,7 @@ def test_a_file_that_keeps_coming_wrong_fails_naming_it_and_changes_nothing(
     ("/etc/passwd", "absolute"), ("../escape", "contains '..'"), ("a\\b", "backslash"),
     ("README", "repeats another")])
 def test_a_bad_manifest_path_is_refused_before_anything_is_written(
-        dsagent_run, source, tmp_path, path, why):
-    store = tmp_path / "packages"
-    store.mkdir()
+        dsagent_run, source, store, path, why):
     source.write({"README": b"x"})
     manifest = json.loads((source.root / PKG / "manifest.json").read_text())
     manifest["files"].append({**manifest["files"][0], "path": path})
@@ -197,9 +195,7 @@ def test_a_bad_manifest_path_is_refused_before_anything_is_written(
     assert list(store.iterdir()) == []
 
 
-def test_deletions_follow_the_source(dsagent_run, source, tmp_path):
-    store = tmp_path / "packages"
-    store.mkdir()
+def test_deletions_follow_the_source(dsagent_run, source, store):
     files = files_v1()
     source.write(files)
     replicate(dsagent_run, store, source.url())
@@ -213,7 +209,8 @@ def test_deletions_follow_the_source(dsagent_run, source, tmp_path):
     assert list((store / ".replicas").iterdir()) == []
 
 
-def test_a_full_disk_fails_clearly_and_the_version_in_place_stays_usable(source, tmp_path):
+def test_a_full_disk_fails_clearly_and_the_version_in_place_stays_usable(source, store,
+                                                                        tmp_path):
     """The package store on a 1 MiB tmpfs (in a mount namespace of the run's own):
     a first version fits, the next does not; the task fails saying so, and the
     first version is still whole in place."""
@@ -227,8 +224,6 @@ def test_a_full_disk_fails_clearly_and_the_version_in_place_stays_usable(source,
     big_source = Source(tmp_path / "source2")
     big_source.root.mkdir()
     big_source.write(big)
-    store = tmp_path / "packages"
-    store.mkdir()
     config = tmp_path / "agent.toml"
     config.write_text(f'[handlers]\npackage_store = "{store}"\n')
     docs = []

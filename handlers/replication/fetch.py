@@ -5,7 +5,6 @@ wrong, paced to ``[handlers] replication_kbps``."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from urllib.parse import quote
 import httpx
 
 from handlers.replication.manifest import PackageFile
+from handlers.replication.replica import sha256_file
 
 ATTEMPTS = 4                     # connection drops resumed per file
 RETRY_PAUSE_S = (0.2, 1.0, 3.0)
@@ -75,7 +75,7 @@ def fetch_file(http: httpx.Client, source: str, f: PackageFile, partial: Path,
             resumed |= ranged
             if partial.stat().st_size < f.size:
                 continue                      # the answer ended early: resume
-        if _sha256(partial) == f.sha256:
+        if sha256_file(partial) == f.sha256:
             return fetched, resumed
         wrong += 1
         partial.unlink()
@@ -107,10 +107,3 @@ def _download(http: httpx.Client, url: str, partial: Path, have: int, pacer: Pac
             os.fsync(fh.fileno())
     return mode == "ab"
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -95,7 +95,8 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
             return {"package": package, "deleted": existed, "files": 0}
         files = parse_manifest(manifest, package)
         total = sum(f.size for f in files)
-        if replica.unchanged(files, manifest):
+        in_place = replica.in_place(files)
+        if replica.unchanged(files, in_place, manifest):
             ctx.progress(100, "already up to date")
             return {"package": package, "files": len(files), "bytes_fetched": 0,
                     "bytes_reused": total, "unchanged": True}
@@ -113,7 +114,7 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
         for f in files:
             target = staging / f.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            if current is not None and replica.reusable(current / f.path, f):
+            if f.path in in_place:
                 os.link(current / f.path, target)
                 reused += f.size
                 moved(f.size)

@@ -56,22 +56,29 @@ class Replica:
         """The folder in place now (a version, or a plain folder), or None."""
         return self.link.resolve() if self.link.is_dir() else None
 
-    def unchanged(self, files: list[PackageFile], manifest: bytes) -> bool:
-        """Whether the package in place is exactly this manifest's (bytes and files)."""
+    def in_place(self, files: list[PackageFile]) -> set[str]:
+        """The paths whose file in the version in place has the manifest's size and
+        sha256 (each hashed once: reused as they are, or proof nothing changed)."""
         current = self.current()
         if current is None:
-            return False
-        try:
-            if (current / "manifest.json").read_bytes() != manifest:
-                return False
-        except OSError:
-            return False
-        return all(self.reusable(current / f.path, f) for f in files)
+            return set()
+        same = set()
+        for f in files:
+            path = current / f.path
+            try:
+                if path.is_file() and path.stat().st_size == f.size \
+                        and sha256_file(path) == f.sha256:
+                    same.add(f.path)
+            except OSError:
+                pass
+        return same
 
-    @staticmethod
-    def reusable(path: Path, f: PackageFile) -> bool:
+    def unchanged(self, files: list[PackageFile], in_place: set[str], manifest: bytes) -> bool:
+        """Whether the package in place is exactly this manifest's (bytes and files)."""
+        if len(in_place) != len(files):
+            return False
         try:
-            return path.is_file() and path.stat().st_size == f.size and sha256_file(path) == f.sha256
+            return (self.link / "manifest.json").read_bytes() == manifest
         except OSError:
             return False
 
