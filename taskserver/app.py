@@ -335,8 +335,6 @@ class TaskServer:
         self.images = ImageStoreHTTP(image_store, store) if image_store else None
         self.host = host
         self.port = port
-        self.enrollment_key = enrollment_key or None
-        self.poll_interval_s = int(poll_interval_s)
         self.verbose = verbose
         self.max_body = max_body
         self.api = Api(store, enrollment_key, poll_interval_s)
@@ -386,7 +384,7 @@ class TaskServer:
 
     def pxe_servers(self) -> list[dict]:
         """The PXE servers with their last state (taskserver.pxe.PXEStore.servers)."""
-        return self.api.pxe.servers(self.poll_interval_s)
+        return self.api.pxe.servers(self.api.poll_interval_s)
 
     def tickle(self, client_id: str, timeout: float = 5.0) -> str:
         """Tickle ``client_id``'s objecthost; return its answer (``OK`` / ``ERR code``)."""
