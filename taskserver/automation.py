@@ -381,12 +381,13 @@ def event_stored(store: TaskStore, conn, client_id: str, task: Mapping[str, Any]
 
 
 def tickle_pxe_servers(store: TaskStore, client_ids: Iterable[str]) -> None:
-    """Tickle the PXE servers a change was queued for; a failure only delays it to their poll."""
+    """Tickle the clients (PXE servers, site servers) a change was queued for; a
+    failure only delays it to their poll."""
     from taskserver.app import tickle_clients   # app imports the store, which imports us
 
     for client_id, answer in tickle_clients(store, client_ids, TICKLE_TIMEOUT_S).items():
         if isinstance(answer, Exception):
-            log.warning("PXE server %s not tickled: %s; it pulls its task at its next poll",
+            log.warning("%s not tickled: %s; it pulls its task at its next poll",
                         client_id, answer)
 
 

@@ -3,11 +3,12 @@
     dsagent-server serve   --db FILE|postgresql://… --listen HOST:PORT [--enrollment-key K]
                            [--poll-interval S] [--workers N]   # N: PostgreSQL only (uvicorn)
                            [--image-store DIR] [--allow-unknown-computers] [--mqtt URL]
+                           [--package-check-s S] [--package-resync-s S]
     dsagent-server enroll  --db FILE --client-id ID [--tickle HOST:PORT]
                            [--agent-config FILE --server-url URL --state-dir DIR [--set SECTION.KEY=VALUE ...]]
     dsagent-server queue   --db FILE --client ID [--client ID ...] (FILE.xml | --type T
                            [--param NAME=VALUE ...] [--param-file NAME=PATH ...] [--timeout S])
-                           [--tickle]          # --param values may hold tokens: tokens.py
+                           [--after TASK ...] [--tickle]   # --param values may hold tokens: tokens.py
     dsagent-server deploy  --db FILE --mac MAC --image I [--target DEV] [--config C] [--no-wait]
     dsagent-server capture --db FILE --mac MAC --image I [--source DEV] [--config C] [--no-wait]
     dsagent-server bootwiz-base NAME --preboot-store DIR --server-url URL [--enrollment-key K]
@@ -26,6 +27,7 @@
     dsagent-server pxe set --db FILE unknown_computers=ignore|automation automation_config=C ...
     dsagent-server pxe servers --db FILE [--json] [--poll-interval S]
     dsagent-server pxe computers --db FILE [--json]
+    dsagent-server packages add|remove|check|list --db FILE …   # taskserver/packagescli.py
 
 Every command but ``serve`` works on the database directly, so it can run
 while a server process serves the same file. Exit status: 0 done, 1 failed
@@ -63,6 +65,7 @@ from taskserver import wakeup
 from taskserver.app import TaskServer, tickle_client
 from taskserver.basecli import add_commands as add_base_commands
 from taskserver.deploy import add_commands as add_deploy_commands
+from taskserver.packagescli import PackageSchedule, add_packages_commands
 from taskserver.pxecli import add_pxe_commands
 from taskserver.tokens import expand, facts_of
 from taskserver.checks import TERMINAL_STATES, parse_hostport
@@ -201,6 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    schedule = PackageSchedule(store, args.package_check_s, args.package_resync_s).__enter__()
     print(server.url, flush=True)
     print(f"{PROG}: serving {server.url} from {args.db}"
           f"{'' if args.enrollment_key else ' (registration disabled: no --enrollment-key)'}"
@@ -209,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
     finally:
+        schedule.__exit__()
         server.stop()
         store.close()
     print(f"{PROG}: stopped", file=sys.stderr, flush=True)
@@ -235,9 +240,12 @@ def serve_asgi(args: argparse.Namespace, host: str, port: int) -> int:
     print(f"{PROG}: serving {url} from {where} with {workers} worker(s)"
           f"{'' if args.enrollment_key else ' (registration disabled: no --enrollment-key)'}"
           "; SIGINT/SIGTERM stops", file=sys.stderr, flush=True)
-    serve(args.db, sock, workers, enrollment_key=args.enrollment_key,
-          poll_interval_s=args.poll_interval, allow_unknown_computers=args.allow_unknown_computers,
-          keep_events_days=args.keep_events_days, verbose=args.verbose)
+    with TaskStore(args.db) as store, PackageSchedule(store, args.package_check_s,
+                                                      args.package_resync_s):
+        serve(args.db, sock, workers, enrollment_key=args.enrollment_key,
+              poll_interval_s=args.poll_interval,
+              allow_unknown_computers=args.allow_unknown_computers,
+              keep_events_days=args.keep_events_days, verbose=args.verbose)
     print(f"{PROG}: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -305,14 +313,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 document = Path(args.file).read_bytes()
             except OSError as exc:
                 raise CliError(f"cannot read {args.file}: {exc.strerror}") from None
-            queued = [(client, i) for client in clients for i in store.queue_xml(client, document)]
+            queued = [(client, i) for client in clients
+                      for i in store.queue_xml(client, document, after=args.after)]
         else:
             params = _params(args)
             # every computer's tokens first: one unknown token queues nothing
             each = {client: expand(params, facts_of(store.client(client), client), client)
                     for client in clients}
             queued = list(store.queue_for_clients(
-                {client: (args.type, each[client], args.timeout) for client in clients}).items())
+                {client: (args.type, each[client], args.timeout) for client in clients},
+                after=args.after).items())
         for client, task_id in queued:
             print(task_id if len(clients) == 1 else f"{client}\t{task_id}")
         sys.stdout.flush()
@@ -443,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-events-days", type=int, default=180, metavar="D",
                    help="with --db postgresql://…: drop statuses older than D days, a month "
                         "at a time (0 keeps all; default %(default)s)")
+    p.add_argument("--package-check-s", type=int, default=300, metavar="S",
+                   help="read the packages' sources every S s and queue a replication for "
+                        "each site server whose copy differs (0: never; default %(default)s)")
+    p.add_argument("--package-resync-s", type=int, default=86400, metavar="S",
+                   help="replicate every package to every holder every S s, changed or not, "
+                        "repairing damaged replicas (0: never; default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     add_mqtt_option(p)
     p.set_defaults(func=cmd_serve)
@@ -469,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-file", action="append", default=[], metavar="NAME=PATH",
                    help="parameter whose value is a file's UTF-8 text, byte for byte")
     p.add_argument("--timeout", type=int, metavar="S", help="task timeout in seconds")
+    p.add_argument("--after", action="append", default=[], metavar="TASK",
+                   help="hold the task(s) until task TASK succeeded (repeat for several; any "
+                        "client's); cancelled if it fails")
     p.add_argument("--tickle", action="store_true", help="tickle the client afterwards")
     p.set_defaults(func=cmd_queue)
 
@@ -503,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_clients)
 
     add_pxe_commands(sub)
+    add_packages_commands(sub)
     add_deploy_commands(sub, command)
     add_base_commands(sub)
     return parser

@@ -35,6 +35,7 @@ from typing import Any, Callable
 from agent.common.errors import DsagentError
 
 from taskserver.app import tickle_clients
+from taskserver.cligroup import command_group
 from taskserver.pxe import (ACTIONS, LISTS, SETTINGS, TASK_TYPE, Computer, PXEStore, Sent,
                             check_config, check_name, check_setting, check_version, normalise_mac)
 from taskserver.checks import InvalidRequest
@@ -280,22 +281,17 @@ def cmd_computers(args: argparse.Namespace) -> int:
 
 def add_pxe_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``pxe`` and its sub-commands to dsagent-server's sub-parsers."""
-    pxe = sub.add_parser("pxe", help="the NS side of the PXE site servers: computers, "
-                         "images, settings, PXE servers",
-                         description="The NS side of the PXE site servers (PROTOCOL.md §7).")
-    commands = pxe.add_subparsers(dest="pxe_command", required=True, metavar="PXE_COMMAND")
+    add = command_group(sub, "pxe", "the NS side of the PXE site servers: computers, images, "
+                        "settings, PXE servers",
+                        "The NS side of the PXE site servers (PROTOCOL.md §7).",
+                        "queue only (the PXE servers pull at their next poll)")
     mac, config = _arg(normalise_mac), _arg(check_config)
 
     def command(name: str, help_: str, func, change: bool = True) -> argparse.ArgumentParser:
-        p = commands.add_parser(name, help=help_, description=help_)
-        p.add_argument("--db", required=True, metavar="FILE|URL",
-                       help="the server's database: an SQLite file, or postgresql://…")
+        p = add(name, help_, func, change)
         if change:
-            p.add_argument("--no-tickle", action="store_true",
-                           help="queue only (the PXE servers pull at their next poll)")
             p.add_argument("--confirm-s", type=_arg(_confirm), metavar="S",
                            help="UpdateSBSInfo confirm_s: wait up to S s for the file to be taken")
-        p.set_defaults(func=func, parser=p)
         return p
 
     p = command("add-computer", "add or change computers: to the predefined list, or the "

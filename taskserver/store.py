@@ -39,7 +39,6 @@ import logging
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,6 +46,7 @@ from taskserver.checks import (TERMINAL_STATES, InvalidRequest, RegistrationRefu
                                UnknownClient, check_task_fields, event_problem,
                                parse_task_document, sanitize_client_id, utc_now,
                                parse_hostport, parse_rfc3339, valid_client_id)
+from taskserver.chain import end_at_server, hold, task_ended
 from taskserver.db import Database, PostgresDatabase, open_database, pg_ddl
 
 log = logging.getLogger("taskserver.store")
@@ -130,6 +130,8 @@ def migrations() -> dict[int, str | dict[str, str]]:
     """Schema version -> what brings a database from the version before up to it
     (SQLite's SQL; taskserver/db.py turns it into PostgreSQL's)."""
     from taskserver.automation import SCHEMA as AUTOMATION_SCHEMA   # they import this module
+    from taskserver.chain import SCHEMA as CHAIN_SCHEMA
+    from taskserver.packages import SCHEMA as PACKAGES_SCHEMA
     from taskserver.pxe import SCHEMA as PXE_SCHEMA
 
     without_events = SCHEMA[:SCHEMA.index("CREATE TABLE IF NOT EXISTS events")] + \
@@ -143,6 +145,7 @@ CREATE INDEX IF NOT EXISTS tasks_deliverable ON tasks(client_id, seq)
     WHERE terminal_state IS NULL AND delivered = 0;
 """,
         3: PXE_SCHEMA + ";\n" + AUTOMATION_SCHEMA,
+        4: CHAIN_SCHEMA + ";\n" + PACKAGES_SCHEMA,
     }
 
 
@@ -325,16 +328,24 @@ class TaskStore:
             conn.execute("DELETE FROM request_counts" + where, args)
 
     # -- tasks --------------------------------------------------------------
-    def _insert_tasks(self, client_id: str, tasks: list[tuple], conn=None) -> list[str]:
-        """Queue checked tasks (all or none), in ``conn``'s transaction if given (pxe.py)."""
+    def _insert_tasks(self, client_id: str, tasks: list[tuple], conn=None,
+                      after: Iterable[str] = (), woken: list[str] | None = None) -> list[str]:
+        """Queue checked tasks (all or none), in ``conn``'s transaction if given (pxe.py),
+        each waiting for the tasks ``after`` (taskserver/chain.py). Replications a task
+        needs are queued with it (taskserver/packages.py); their clients are tickled
+        after the commit (added to ``woken`` when the caller owns the transaction)."""
         if conn is None:
+            woken = []
             with self._write() as conn:
-                return self._insert_tasks(client_id, tasks, conn)
+                ids = self._insert_tasks(client_id, tasks, conn, after, woken)
+            self._tickle([c for c in woken if c != client_id])
+            return ids
         if not conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (client_id,)).fetchone():
             from taskserver.automation import placeholder_client  # a listed computer's id?
             if not placeholder_client(self, conn, client_id):
                 raise UnknownClient(f"unknown client {client_id!r}")
-        now, ids = utc_now(), []
+        from taskserver.packages import PackageStore   # chains what needs a replication
+        now, ids, after = utc_now(), [], list(after)
         for type_, params, timeout, task_id in tasks:
             try:
                 conn.execute(
@@ -344,31 +355,44 @@ class TaskStore:
                      now))
             except self.db.IntegrityError:
                 raise InvalidRequest(f"task id {task_id} is already queued") from None
+            if after:
+                hold(self, conn, task_id, after)
+            queued_for = PackageStore(self).task_queued(conn, client_id, type_, params, task_id)
+            if woken is not None:
+                woken += queued_for
             ids.append(task_id)
         return ids
 
     def queue_task(self, client_id: str, type: str, params: Mapping[str, str] | None = None,
-                   timeout: int | None = None, task_id: str | None = None) -> str:
-        """Queue one task for ``client_id``; return its id (a new UUID unless given)."""
-        return self._insert_tasks(client_id, [check_task_fields(type, params, timeout, task_id)])[0]
+                   timeout: int | None = None, task_id: str | None = None,
+                   after: Iterable[str] = ()) -> str:
+        """Queue one task for ``client_id``; return its id (a new UUID unless given).
+        ``after``: task ids it waits for (taskserver/chain.py)."""
+        return self._insert_tasks(client_id, [check_task_fields(type, params, timeout, task_id)],
+                                  after=after)[0]
 
-    def queue_for_clients(self, per_client: Mapping[str, tuple]) -> dict[str, str]:
+    def queue_for_clients(self, per_client: Mapping[str, tuple],
+                          after: Iterable[str] = ()) -> dict[str, str]:
         """Queue one task for each client in one transaction (all or none):
         ``{client_id: (type, params, timeout)}`` -> ``{client_id: task_id}``. A
         console queueing for thousands pays one commit, not one each."""
         checked = {client: check_task_fields(type_, params, timeout, None)
                    for client, (type_, params, timeout) in per_client.items()}
+        woken: list[str] = []
         with self._write() as conn:
-            return {client: self._insert_tasks(client, [task], conn)[0]
-                    for client, task in checked.items()}
+            ids = {client: self._insert_tasks(client, [task], conn, after, woken)[0]
+                   for client, task in checked.items()}
+        self._tickle([c for c in woken if c not in ids])
+        return ids
 
-    def queue_xml(self, client_id: str, xml_text: str | bytes) -> list[str]:
+    def queue_xml(self, client_id: str, xml_text: str | bytes,
+                  after: Iterable[str] = ()) -> list[str]:
         """Queue every ``<Task>`` of a §3 document (all or none); return their ids.
 
         Accepts a ``<ClientTasks>`` document, or one or more bare ``<Task>``
         elements. Given ids are kept; tasks without one get a new UUID.
         """
-        return self._insert_tasks(client_id, parse_task_document(xml_text))
+        return self._insert_tasks(client_id, parse_task_document(xml_text), after=after)
 
     @staticmethod
     def _task_dict(row) -> dict:
@@ -393,7 +417,7 @@ class TaskStore:
         """The first ``limit`` tasks a pull lists (module docstring: Delivery)."""
         rows = self._read(
             "SELECT task_id, type, params, timeout, queued_at FROM tasks WHERE client_id = ? "
-            "AND terminal_state IS NULL AND delivered = 0 ORDER BY seq LIMIT ?",
+            "AND terminal_state IS NULL AND delivered = 0 AND held = 0 ORDER BY seq LIMIT ?",
             (client_id, limit))
         return [self._task_dict(r) for r in rows]
 
@@ -405,6 +429,7 @@ class TaskStore:
         them with its state, say); the agent is not told, and statuses it still
         sends are stored after this one. ``{task_id: None if cancelled, else why not}``."""
         outcome: dict[str, str | None] = {}
+        tickle: list[str] = []
         with self._write() as conn:
             for task_id in dict.fromkeys(task_ids):
                 row = conn.execute("SELECT terminal_state, delivered FROM tasks WHERE task_id = ?",
@@ -417,21 +442,15 @@ class TaskStore:
                     outcome[task_id] = ("the agent has taken it (a status of it is stored); "
                                         "it cannot be called back (--force ends it here anyway)")
                 else:
-                    now = utc_now()
-                    seq = conn.execute("SELECT MAX(seq) FROM events WHERE task_id = ?",
-                                       (task_id,)).fetchone()[0] or 0
                     message = ("cancelled at the server after the agent took it (forced): the "
                                "agent was not told" if row["delivered"] else
                                "cancelled at the server before an agent took it")
-                    self.insert_event(conn, {
-                        "event_id": str(uuid.uuid4()), "task_id": task_id, "seq": seq + 1,
-                        "state": "cancelled", "progress": None, "message": message,
-                        "details": json.dumps({"by": "server", "forced": bool(row["delivered"])}),
-                        "at": now}, now)
-                    conn.execute("UPDATE tasks SET terminal_state = 'cancelled', delivered = 1 "
-                                 "WHERE task_id = ?", (task_id,))
+                    end_at_server(self, conn, task_id, message,
+                                  {"by": "server", "forced": bool(row["delivered"])})
+                    tickle += task_ended(self, conn, task_id, "cancelled", message)
                     outcome[task_id] = None
         self._notify()
+        self._tickle(tickle)
         return outcome
 
     def task(self, task_id: str) -> dict | None:
@@ -480,12 +499,15 @@ class TaskStore:
                         "IS NULL", (event["state"], event["task_id"])).rowcount
                     from taskserver.automation import event_stored  # images, Reboot -> PXE
                     tickle += event_stored(self, conn, client_id, row, event, bool(first))
+                    if first:       # what waited for it (chain.py), what a holder has
+                        tickle += task_ended(self, conn, event["task_id"], event["state"],
+                                             event.get("message"))
+                        from taskserver.packages import PackageStore
+                        PackageStore.replication_ended(conn, client_id, row, event)
                 if event["event_id"] not in accepted:
                     accepted.append(event["event_id"])
         self._notify()
-        if tickle:
-            from taskserver.automation import tickle_pxe_servers
-            tickle_pxe_servers(self, tickle)
+        self._tickle(tickle)
         return accepted
 
     @staticmethod
@@ -508,7 +530,8 @@ class TaskStore:
 
         Each: ``{task_id, client_id, type, params, timeout, queued_at,
         state, events: [...]}``, where ``state`` is the latest event's state,
-        the terminal one once stored, or ``"queued"`` before any event.
+        the terminal one once stored, or before any event ``"waiting"`` while
+        it waits for other tasks (taskserver/chain.py), else ``"queued"``.
         """
         where, args = [], []
         if client_id is not None:
@@ -520,8 +543,8 @@ class TaskStore:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         with self.db.snapshot() as conn:
             tasks = conn.execute(
-                "SELECT task_id, client_id, type, params, timeout, queued_at, terminal_state "
-                f"FROM tasks t {clause} ORDER BY t.seq", tuple(args)).fetchall()
+                "SELECT task_id, client_id, type, params, timeout, queued_at, terminal_state, "
+                f"held FROM tasks t {clause} ORDER BY t.seq", tuple(args)).fetchall()
             events = conn.execute(
                 f"SELECT {EVENT_COLUMNS} FROM events e JOIN tasks t ON t.task_id = e.task_id "
                 f"{clause} ORDER BY t.seq, e.seq, e.received_at, e.rowid", tuple(args)).fetchall()
@@ -532,9 +555,9 @@ class TaskStore:
         for row in tasks:
             data = self._task_dict(row)
             data["events"] = by_task.get(data["task_id"], [])
-            terminal = data.pop("terminal_state")
+            terminal, held = data.pop("terminal_state"), data.pop("held")
             data["state"] = terminal or (data["events"][-1]["state"] if data["events"]
-                                         else "queued")
+                                         else "waiting" if held else "queued")
             result.append(data)
         return result
 
@@ -564,6 +587,12 @@ class TaskStore:
                 return False
             with self._changed:
                 self._changed.wait(min(left, 0.05))
+
+    def _tickle(self, client_ids: list[str]) -> None:
+        """Wake clients a change in a transaction left work for (after its commit)."""
+        if client_ids:
+            from taskserver.automation import tickle_pxe_servers
+            tickle_pxe_servers(self, dict.fromkeys(client_ids))
 
     def _notify(self) -> None:
         """Wake wait_terminal (after a transaction, never inside one)."""

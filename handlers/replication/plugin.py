@@ -14,6 +14,7 @@ downloads (0: no limit).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import time
 from urllib.parse import urlsplit
@@ -94,12 +95,13 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
                             "deleted here" if existed else "there was none here")
             return {"package": package, "deleted": existed, "files": 0}
         files = parse_manifest(manifest, package)
+        digest = hashlib.sha256(manifest).hexdigest()   # what the server knows it by
         total = sum(f.size for f in files)
         in_place = replica.in_place(files)
         if replica.unchanged(files, in_place, manifest):
             ctx.progress(100, "already up to date")
             return {"package": package, "files": len(files), "bytes_fetched": 0,
-                    "bytes_reused": total, "unchanged": True}
+                    "bytes_reused": total, "unchanged": True, "manifest_sha256": digest}
         current, staging = replica.current(), replica.start()
         done = {"bytes": 0}
         pacer = Pacer(int(ctx.config.get("replication_kbps") or 0))
@@ -131,7 +133,7 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
                  package, source, version, len(fetched_files), len(files) - len(fetched_files))
     return {"package": package, "version": version, "files": len(files),
             "files_fetched": fetched_files[:100], "bytes_fetched": fetched,
-            "bytes_reused": reused, "resumed": resumed,
+            "bytes_reused": reused, "resumed": resumed, "manifest_sha256": digest,
             "duration_s": round(time.monotonic() - started, 3)}
 
 
