@@ -11,6 +11,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
 PKG = "nic-e1000"
 
 
@@ -75,3 +77,12 @@ class Source:
             {"path": p, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
             for p, d in files.items()]}
         (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A source of truth in ``tmp_path/source`` (import this fixture into a test module)."""
+    s = Source(tmp_path / "source")
+    s.root.mkdir()
+    yield s
+    s.server.shutdown()

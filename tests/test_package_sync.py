@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from replicationlab import PKG, Source
+from replicationlab import PKG, source  # noqa: F401 (a fixture)
 from taskserver.cli import main as server_cli
 from taskserver.loopback import LoopbackChain
 
 KO = "lib/modules/6.1.0/extra/e1000.ko"
 FW = "lib/firmware/e1000.bin"
-
-
-@pytest.fixture
-def source(tmp_path):
-    s = Source(tmp_path / "source")
-    s.root.mkdir()
-    yield s
-    s.server.shutdown()
 
 
 @pytest.fixture

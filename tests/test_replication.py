@@ -16,16 +16,8 @@ from pathlib import Path
 import pytest
 
 from handlers.bootwiz.packages import PackageChecker
-from replicationlab import PKG, Source
+from replicationlab import PKG, Source, source  # noqa: F401 (a fixture)
 
-
-
-@pytest.fixture
-def source(tmp_path):
-    s = Source(tmp_path / "source")
-    s.root.mkdir()
-    yield s
-    s.server.shutdown()
 
 
 @pytest.fixture
