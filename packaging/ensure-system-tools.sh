@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system tools that tests and benches use, when missing.
 # Needs root and Debian/Ubuntu apt; elsewhere it says what is missing and goes on
-# (the tests that need a tool skip with its name, but the PXE and PostgreSQL tests
-# fail naming its package; tests/test_powercut.py and
+# (a test that needs a missing tool fails naming it; tests/test_powercut.py and
 # tests/test_flood.py fail without cc, which builds the LD_PRELOAD shim and the
 # flood generator: they must not pass unchecked).
 set -u
 declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone [cc]=gcc
-                [systemd-analyze]=systemd)
+                [systemd-analyze]=systemd [openssl]=openssl)
 # The PXE site server and its tests (docs/pxe.md): dnsmasq is the engine, and
 # QEMU's iPXE ROM PXE-boots a VM (a Debian kernel, a busybox initrd) in a
 # network namespace. Checked by file, since these are not all commands. The MQTT

@@ -566,7 +566,8 @@ def test_compressed_answer_cannot_inflate_past_the_cap(tmp_path, encoding):
 def _openssl_cert(folder: Path) -> tuple[Path, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl command line tool is not installed (needed to make a test cert)")
+        pytest.fail("the openssl command line tool is not installed (needed to make a test "
+                    "cert; make test installs it)")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
                     "-days", "1", "-keyout", str(key), "-out", str(cert)],

@@ -38,7 +38,7 @@ TOOL = "usr/sbin/nictool"
 def cpio():
     path = shutil.which("cpio")
     if path is None:
-        pytest.skip("cpio is not installed (make test installs it)")
+        pytest.fail("cpio is not installed (make test installs it: packaging/ensure-system-tools.sh)")
     return path
 
 

@@ -23,10 +23,14 @@ def _tool(name: str) -> str | None:
 
 
 MKFS, DEBUGFS, DUMPE2FS = _tool("mkfs.ext4"), _tool("debugfs"), _tool("dumpe2fs")
-pytestmark = pytest.mark.skipif(
-    not (MKFS and DEBUGFS and DUMPE2FS),
-    reason="e2fsprogs (mkfs.ext4, debugfs, dumpe2fs) not installed: cannot build reference filesystems",
-)
+
+
+@pytest.fixture(autouse=True)
+def _e2fsprogs():
+    if not (MKFS and DEBUGFS and DUMPE2FS):
+        pytest.fail("e2fsprogs (mkfs.ext4, debugfs, dumpe2fs) is not installed: cannot build "
+                    "reference filesystems (make test installs it)")
+
 
 FILES = {  # path -> size; random content, some sizes odd, some spanning groups
     "a.bin": 3_000_000,

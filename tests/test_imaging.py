@@ -27,7 +27,8 @@ def tool(name):
     path = shutil.which(name) or next((os.path.join(d, name) for d in SBIN
                                        if os.path.exists(os.path.join(d, name))), None)
     if path is None:
-        pytest.skip(f"{name} is not installed (make test installs it)")
+        pytest.fail(f"{name} is not installed (make test installs it: "
+                    "packaging/ensure-system-tools.sh)")
     return path
 
 

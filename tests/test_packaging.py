@@ -38,9 +38,9 @@ def verify_units(*units: str, chroot: "Root | None" = None) -> None:
     assert done.returncode == 0 and not done.stdout + done.stderr, done.stdout + done.stderr
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                    reason="systemd-analyze not found (no systemd on this machine)")
 def test_units_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze not found (make test installs systemd)")
     # verify insists that ExecStart's program exists: check copies that start
     # an existing one (the installed units are verified as they are below).
     copies = []
