@@ -1,7 +1,8 @@
 """``dsagent run``: register if needed, then supervise the agent's processes.
 
-objecthost, CTA and ctdataloader run as child processes, and the PXE process
-(agent/pxe/) as a fourth when the config has ``[pxe]``; one that dies is
+objecthost, CTA and ctdataloader run as child processes, the PXE process
+(agent/pxe/) too when the config has ``[pxe]``, and the package server
+(agent/packages/) when it has ``[packages]``; one that dies is
 logged with its exit status and restarted with backoff (1 s doubling to 30 s,
 reset after a minute of good health). SIGTERM/SIGINT stop the children
 gracefully (SIGTERM, then SIGKILL after a grace period).
@@ -54,6 +55,7 @@ log = logging.getLogger("dsagent.supervisor")
 
 CHILDREN = (("objecthost", "objecthost"), ("cta", "agent.cta"), ("ctdataloader", "ctdataloader"))
 PXE_CHILD = ("pxe", "agent.pxe")   # only with [pxe]
+PACKAGES_CHILD = ("packages", "agent.packages")   # only with [packages]; stops within 5 s
 BACKOFF_MAX_S = 30.0
 BACKOFF_MAX_ENV = "DSAGENT_RESTART_BACKOFF_MAX_S"
 SWEEP_EVERY_S = 10.0
@@ -188,7 +190,8 @@ class Supervisor:
     def __init__(self, config: Config):
         self.config = config
         self.backoff_max = restart_backoff_max()
-        started = CHILDREN + ((PXE_CHILD,) if config.has_section("pxe") else ())
+        started = CHILDREN + ((PXE_CHILD,) if config.has_section("pxe") else ()) \
+            + ((PACKAGES_CHILD,) if config.has_section("packages") else ())
         self.children = [Child(name, module) for name, module in started]
         self.stop = threading.Event()
         self.next_sweep = 0.0

@@ -21,7 +21,7 @@ from taskserver.app import TaskServer
 from taskserver.store import TaskStore
 
 CHILD_MODULES = {"objecthost": "objecthost", "cta": "agent.cta", "ctdataloader": "ctdataloader",
-                 "pxe": "agent.pxe"}
+                 "pxe": "agent.pxe", "packages": "agent.packages"}
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ SHIPPED = ("agent", "handlers", "objecthost", "ctdataloader", "taskserver")
 HANDLER_PACKAGES = ("handlers.runscript", "handlers.sbs", "handlers.imaging", "handlers.bootwiz",
                     "handlers.reboot", "handlers.replication")
 THIRD_PARTY = ("pluggy", "httpx", "xmltodict", "psutil", "apscheduler", "zstandard",
-               "inotify_simple")
+               "inotify_simple", "starlette", "uvicorn")
 
 
 def module_name(path: Path) -> str:
@@ -77,11 +77,12 @@ ALLOWED = {
     "agent.plugin": {"agent.common"},
     "ctdataloader": {"agent.common"},
     "agent.pxe": {"agent.common"},
+    "agent.packages": {"agent.common"},
     "objecthost": {"agent.common"},
     "agent.cta": {"agent.common", "agent.plugin", "ctdataloader"},
     "agent.supervisor": {"agent.common", "agent.tools"},
     "agent.tools": {"agent.common", "agent.plugin", "agent.cta", "agent.pxe",
-                    "agent.supervisor", "ctdataloader"},
+                    "agent.packages", "agent.supervisor", "ctdataloader"},
     "agent.__main__": {"agent.tools"},
     "agent.errors": {"agent.common"},                 # deprecated aliases for handlers
     "agent.tasks": {"agent.common", "agent.plugin"},  # written for 0.1 (removed in 0.3)

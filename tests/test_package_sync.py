@@ -16,7 +16,7 @@ import pytest
 
 from replicationlab import PKG, source  # noqa: F401 (a fixture)
 from taskserver.cli import main as server_cli
-from taskserver.loopback import LoopbackChain
+from taskserver.loopback import LoopbackChain, free_port, wait_port
 
 KO = "lib/modules/6.1.0/extra/e1000.ko"
 FW = "lib/firmware/e1000.bin"
@@ -24,15 +24,21 @@ FW = "lib/firmware/e1000.bin"
 
 @pytest.fixture
 def sites(tmp_path):
-    """Two site servers, site-a and site-b, served by one task server."""
+    """Two site servers, site-a and site-b, served by one task server; site-a
+    serves its packages over HTTP (``site-a``'s ``packages_url``)."""
     chains = []
     for name in ("site-a", "site-b"):
         folder = tmp_path / name
-        stores = {key: folder / key for key in ("package_store", "preboot_store")}
+        stores = {key: folder / key for key in ("package_store", "preboot_store",
+                                                "image_store")}
         for path in stores.values():
             path.mkdir(parents=True)
+        port = free_port()
         chain = LoopbackChain(folder, client_id=name, db=str(tmp_path / "server.db"),
-                              handlers={k: str(v) for k, v in stores.items()})
+                              handlers={k: str(v) for k, v in stores.items()},
+                              extra_config="" if chains else
+                              f'[packages]\nlisten = "127.0.0.1:{port}"\n')
+        chain.packages_url = f"http://127.0.0.1:{port}/"
         if chains:
             chain.server_url = chains[0].server.url
             chain.start_agent()
@@ -167,3 +173,32 @@ def test_add_drivers_then_rebuild_at_once_runs_in_that_order(sites, source, caps
     listing = subprocess.run([cpio(), "-t", "--quiet"], input=drivers_part,
                              capture_output=True, check=True).stdout.decode().split()
     assert {KO, FW} <= set(listing)
+
+
+def test_an_image_captured_on_a_site_server_is_deployed_from_another(sites, capsys, tmp_path):
+    """The seed's case: the image is captured on site-a, whose package server is
+    its source of truth (never copied back to the NS first); a deploy on site-b,
+    queued before the image is there, waits for its replication."""
+    from test_imaging import make_ext4, make_tree, random_file, sha256_file
+
+    site_a, site_b = sites["site-a"], sites["site-b"]
+    db = str(site_a.store.db_path)
+    disk = make_ext4(tmp_path / "disk.img", 48, make_tree(tmp_path / "tree"))
+    captured = site_a.queue("CreateImage", {"source": str(disk), "image": "golden"})
+    assert site_a.tickle() == "OK" and site_a.wait([captured], 60)
+    assert site_a.events(captured)[-1]["state"] == "succeeded"
+    assert wait_port(int(site_a.packages_url.rsplit(":", 1)[1].strip("/")), 30)
+
+    target = random_file(tmp_path / "target.img", 48 * 2**20)
+    (replicate,) = cli(capsys, db, "packages", "add", "golden", "--kind", "image", "--source",
+                       f"{site_a.packages_url}images/golden/", "--to", "site-b", "--no-tickle")
+    deploy = site_b.queue("DeployImage", {"image": "golden", "target": str(target)})
+    assert site_b.store.history(task_id=deploy)[0]["state"] == "waiting"
+    assert site_a.server.tickle("site-b") == "OK"
+    assert site_b.wait([replicate[2], deploy], 90), site_b.log_path.read_text()[-3000:]
+    replication, deployed = site_b.events(replicate[2]), site_b.events(deploy)
+    assert replication[-1]["state"] == "succeeded", replication[-1]
+    assert deployed[-1]["state"] == "succeeded", deployed[-1]
+    assert replication[-1]["received_at"] <= deployed[0]["received_at"]
+    assert deployed[-1]["details"]["target_sha256"] == sha256_file(disk)
+    assert (Path(site_b.handlers["image_store"]) / "golden").is_symlink()   # a replica

@@ -23,6 +23,10 @@ Extensions to §6 (documented in docs/config.md):
   rotated file (see agent/common/logsetup.py).
 - ``[pxe]`` (§6): needs ``[handlers] sbs_dir`` too (the folder the PXE
   Interface reads); ``tftp_root`` defaults to ``[handlers] preboot_store``.
+- ``[packages]``: this site server serves its driver packages and images over
+  HTTP (agent/packages/, docs/package-server.md); ``listen`` is checked like
+  the other listen values, and it needs ``[handlers] package_store`` or a
+  folder ``image_store``, something to serve.
 - ``[wakeup] mqtt``: the optional MQTT wake-up (a broker URL, ``mqtt://`` or
   ``mqtts://``, user:password allowed; off when unset) and ``mqtt_ca_file``, a
   private CA for ``mqtts://``; see agent/common/mqtt.py.
@@ -74,6 +78,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "trace": {"listen": (str, "")},
     "wakeup": {"mqtt": (str, None), "mqtt_ca_file": (str, None)},
     "pxe": {"interface": (str, REQUIRED), "tftp_root": (str, None)},
+    "packages": {"listen": (str, "0.0.0.0:50180")},
 }
 
 
@@ -309,6 +314,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{where}: [agent] tickle_key must be hex") from exc
     if config.has_section("pxe"):
         _check_pxe(config)
+    if config.has_section("packages"):
+        _check_packages(config)
     url = config.get("agent", "server_url")
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: [agent] server_url must start with https:// or http://")
@@ -388,6 +395,16 @@ def _check_pxe(config: Config) -> None:
                           "its default")
     if not os.path.isabs(root):
         raise ConfigError(f"{where}: [pxe] tftp_root must be an absolute path, got {root!r}")
+
+
+def _check_packages(config: Config) -> None:
+    """``[packages]``: where the package server listens; something for it to serve."""
+    where = config.path
+    parse_hostport(config.get("packages", "listen"), f"{where}: [packages] listen")
+    images = config.get("handlers", "image_store")
+    if not config.get("handlers", "package_store") and not (images and "://" not in images):
+        raise ConfigError(f"{where}: [packages] needs [handlers] package_store, or "
+                          "image_store as a folder (what the package server serves)")
 
 
 def pxe_tftp_root(config: Config) -> str | None:

@@ -20,20 +20,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 from agent.common.config import Config, pxe_tftp_root
+from agent.common.findings import Finding
 from agent.common.statedb import connect_read_only
 from agent.pxe.state import pxe_db_path
 
 PORTS = {67: "DHCP", 4011: "PXE proxy", 69: "TFTP"}
 PROBE_S = 2.0
-
-
-class Finding(NamedTuple):
-    status: str        # ok | warn | fail | skip
-    finding: str
-    action: str = ""
 
 
 def _status(config: Config) -> dict:

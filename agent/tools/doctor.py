@@ -34,6 +34,7 @@ from agent.common.mqtt import parse_mqtt_url, probe as mqtt_probe, wake_topic
 from agent.plugin import CheckResult, DoctorCheck
 from agent.plugin.checks import CHECK_STATUSES
 from agent.plugin.manager import HandlerRegistry, load_handlers
+from agent.packages.checks import CHECKS as PACKAGES_CHECKS
 from agent.pxe.checks import CHECKS as PXE_CHECKS
 from agent.tools.progressbar import ProgressBar
 from agent.common.serverapi import ServerAPI, failure_kind, is_loopback_host
@@ -109,10 +110,11 @@ class Doctor:
             ("handlers", self.check_handlers),
         ]
 
-    def pxe_checks(self) -> list[tuple[str, Callable[[], Result]]]:
-        """A PXE site server's rows (agent/pxe/checks.py), only with [pxe]."""
+    def section_checks(self, section: str, checks) -> list[tuple[str, Callable[[], Result]]]:
+        """A site server's rows for the process a section starts (agent/pxe/checks.py
+        with [pxe], agent/packages/checks.py with [packages]), only with it."""
         try:
-            if not load_config(self.path).has_section("pxe"):
+            if not load_config(self.path).has_section(section):
                 return []
         except (DsagentError, OSError):
             return []   # the config check says why
@@ -124,7 +126,7 @@ class Doctor:
                 return Result(name, "fail", f"the check failed: {type(exc).__name__}: {exc}",
                               "report it with `dsagent logs`")
             return Result(name, found.status, found.finding, found.action)
-        return [(name, lambda n=name, c=check: run(n, c)) for name, check in PXE_CHECKS]
+        return [(name, lambda n=name, c=check: run(n, c)) for name, check in checks]
 
     def mqtt_checks(self) -> list[tuple[str, Callable[[], Result]]]:
         """The MQTT wake-up's row, only with [wakeup] mqtt."""
@@ -140,7 +142,8 @@ class Doctor:
         self.registry = _load_plugins()
         at = [name for name, _ in self.checks].index("clock") + 1
         checks = self.checks[:at] + self.plugin_checks() + self.checks[at:-1] \
-            + self.mqtt_checks() + self.pxe_checks() + self.checks[-1:]
+            + self.mqtt_checks() + self.section_checks("pxe", PXE_CHECKS) \
+            + self.section_checks("packages", PACKAGES_CHECKS) + self.checks[-1:]
         results = []
         for index, (name, check) in enumerate(checks):
             bar.update(100 * index / len(checks),

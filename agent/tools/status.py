@@ -28,7 +28,7 @@ from agent.cta.taskdb import unfinished_tasks
 from ctdataloader.outbox import summary as outbox_summary
 
 PROCESSES = ("dsagent", "objecthost", "cta", "ctdataloader")
-OPTIONAL = ("pxe",)   # listed when the supervisor runs it (or ran it: its facts are there)
+OPTIONAL = ("pxe", "packages")   # listed when the supervisor runs it (or ran it: its facts are there)
 NOT_RUNNING = 3
 MAX_LISTED_TASKS = 20
 

@@ -50,6 +50,7 @@ INDEX_RECORD = struct.Struct("<QIIQII32s")   # src_offset, length, flags, frame 
 INDEX_TRAILER = struct.Struct("<8sIIQQ")     # magic, frame_bytes, record_size, count, reserved
 INDEX_READ = 4096 * INDEX_RECORD.size
 KINDS = ("capture", "backup")
+REPLICAS = ".replicas"      # ReplicatePackage's versions (handlers/replication/replica.py)
 
 
 class ImageError(Exception):
@@ -101,17 +102,26 @@ class ImageStore:
     def __str__(self) -> str:
         return str(self.root)
 
-    def folder(self, name: str) -> Path:
+    def folder(self, name: str, reading: bool = False) -> Path:
+        """``<store>/<name>``. Only a reader may follow a symlink there, and only
+        ReplicatePackage's (into ``<store>/.replicas/<name>/``, docs/replication.md):
+        a replica is read as it is and never captured into."""
         folder = self.root / check_name(name)
         if folder.is_symlink():
-            raise ImageError(f"image folder {folder} is a symlink; refused (an image folder "
-                             f"must be a real folder inside {self.root})")
+            replicas = (self.root / REPLICAS / name).resolve()
+            if reading and folder.resolve().parent == replicas:
+                return folder.resolve()     # this version, whatever the next switch does
+            raise ImageError(
+                f"image folder {folder} is a symlink; refused (an image folder must be a real "
+                f"folder inside {self.root}" + (", or a replica made by ReplicatePackage)"
+                                                 if reading else "; a replicated image is "
+                                                 "captured at its source of truth, not here)"))
         return folder
 
     # ---- reading -----------------------------------------------------------
     def open_current(self, name: str) -> "ImageVersion":
         """The complete version in use, or ImageError (missing or incomplete)."""
-        folder = self.folder(name)
+        folder = self.folder(name, reading=True)
         if not folder.is_dir():
             raise ImageError(f"image '{name}' does not exist in {self.root}")
         try:
