@@ -30,7 +30,7 @@ def store(tmp_path) -> Path:
 
 def files_v1() -> dict[str, bytes]:
     return {"e1000.ko": os.urandom(300_000), "firmware/e1000.bin": os.urandom(120_000),
-            "README": b"intel e1000\n"}
+            "README": b"intel e1000\n", "empty.conf": b""}
 
 
 def replicate(dsagent_run, store: Path, url: str, **handlers):
@@ -49,11 +49,11 @@ def test_a_driver_package_replicates_and_bootwiz_accepts_it(dsagent_run, source,
     source.write(files)
     run = replicate(dsagent_run, store, source.url())
     assert run.states[-1] == "succeeded", run.log
-    assert run.details["files"] == 3 and run.details["bytes_reused"] == 0
+    assert run.details["files"] == 4 and run.details["bytes_reused"] == 0
     assert run.details["bytes_fetched"] == sum(map(len, files.values()))
     assert (store / PKG).is_symlink() and tree(store / PKG) == files
     checker = PackageChecker(str(store), lambda: False, lambda n: None)
-    assert len(checker.check(PKG)) == 3 and checker.problems == []
+    assert len(checker.check(PKG)) == 4 and checker.problems == []
 
     again = replicate(dsagent_run, store, source.url())            # nothing changed
     assert again.details.get("unchanged") is True and again.details["bytes_fetched"] == 0

@@ -58,6 +58,8 @@ def fetch_file(http: httpx.Client, source: str, f: PackageFile, partial: Path,
         fetched += n
         on_bytes(n)
 
+    if f.size == 0:
+        partial.touch()                       # nothing to fetch; still checked below
     for attempt in range(ATTEMPTS + 1):
         have = partial.stat().st_size if partial.exists() else 0
         if have > f.size:
