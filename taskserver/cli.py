@@ -136,7 +136,7 @@ def _one_line(text: Any, limit: int = 80) -> str:
 def _fmt_progress(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:g}%" if isinstance(value, (int, float)) else str(value)
+    return f"{round(value, 1):g}%" if isinstance(value, (int, float)) else str(value)
 
 
 def format_history(history: list[dict], show_client: bool) -> str:
@@ -153,8 +153,10 @@ def format_history(history: list[dict], show_client: bool) -> str:
             lead = ([task["client_id"] if first else ""] if show_client else [])
             ident = [task["task_id"] if first else "", task["type"] if first else ""]
             if event is None:
-                rows.append(lead + ident + ["-", "queued", "-", task["queued_at"],
-                                            "waiting for the agent to pull it"])
+                waits = task.get("waits_for") or []
+                rows.append(lead + ident + ["-", task["state"], "-", task["queued_at"],
+                                            "waiting for task " + ", ".join(waits) + " to succeed"
+                                            if waits else "waiting for the agent to pull it"])
             else:
                 rows.append(lead + ident + [str(event["seq"]), event["state"],
                                             _fmt_progress(event["progress"]), event["at"],
@@ -176,7 +178,7 @@ def format_history(history: list[dict], show_client: bool) -> str:
     counts: dict[str, int] = {}
     for task in history:
         counts[task["state"]] = counts.get(task["state"], 0) + 1
-    order = ["queued", "received", "running", "progress", *TERMINAL_STATES]
+    order = ["waiting", "queued", "received", "running", "progress", *TERMINAL_STATES]
     summary = ", ".join(f"{counts[s]} {s}" for s in sorted(counts, key=lambda s: (
         order.index(s) if s in order else len(order), s)))
     noun = "task" if len(history) == 1 else "tasks"

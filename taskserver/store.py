@@ -46,7 +46,7 @@ from taskserver.checks import (TERMINAL_STATES, InvalidRequest, RegistrationRefu
                                UnknownClient, check_task_fields, event_problem,
                                parse_task_document, sanitize_client_id, utc_now,
                                parse_hostport, parse_rfc3339, valid_client_id)
-from taskserver.chain import end_at_server, hold, task_ended
+from taskserver.chain import awaited, end_at_server, hold, task_ended
 from taskserver.db import Database, PostgresDatabase, open_database, pg_ddl
 
 log = logging.getLogger("taskserver.store")
@@ -531,7 +531,7 @@ class TaskStore:
         Each: ``{task_id, client_id, type, params, timeout, queued_at,
         state, events: [...]}``, where ``state`` is the latest event's state,
         the terminal one once stored, or before any event ``"waiting"`` while
-        it waits for other tasks (taskserver/chain.py), else ``"queued"``.
+        it waits for the tasks ``waits_for`` (taskserver/chain.py), else ``"queued"``.
         """
         where, args = [], []
         if client_id is not None:
@@ -558,6 +558,7 @@ class TaskStore:
             terminal, held = data.pop("terminal_state"), data.pop("held")
             data["state"] = terminal or (data["events"][-1]["state"] if data["events"]
                                          else "waiting" if held else "queued")
+            data["waits_for"] = awaited(self, data["task_id"]) if held and not terminal else []
             result.append(data)
         return result
 

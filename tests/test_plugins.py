@@ -290,3 +290,20 @@ def test_a_handler_written_for_0_1_still_runs_and_is_told_to_upgrade(dsagent_run
                 "agent.errors is deprecated: import the errors from agent.plugin",
                 "agent.tasks is deprecated"):
         assert any(fix in line for line in told), run.log
+
+
+def test_progress_reports_are_thinned_and_sized_for_reading():
+    """agent.plugin.Progress: at least every min_step percent, sizes in a unit that
+    reads (never "0 of 0 MiB" for a small package), and the byte counts as details."""
+    from agent.plugin.progress import Progress, human_bytes
+
+    reports = []
+    progress = Progress(400_000, lambda pct, msg, **d: reports.append((pct, msg, d)), "fetched",
+                        min_step=25, min_interval_s=3600)
+    for _ in range(40):
+        progress.add(10_000)
+    assert [pct for pct, _, _ in reports] == [2.5, 27.5, 52.5, 77.5]
+    assert reports[-1][1].startswith("fetched: 303 KiB of 391 KiB (")
+    assert reports[-1][2]["bytes_done"] == 310_000 and reports[-1][2]["bytes_total"] == 400_000
+    assert [human_bytes(n) for n in (512, 120_000, 3_565_158, 2**30)] == [
+        "512 B", "117 KiB", "3.4 MiB", "1.0 GiB"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from taskserver.checks import InvalidRequest
+from taskserver.cli import format_history
 from taskserver.packages import GONE, PackageStore
 
 BACKENDS = ("sqlite", "postgresql")
@@ -83,6 +84,8 @@ def test_a_held_task_is_listed_once_what_it_waits_for_succeeded(clients):
     second = store.queue_task("pc-1", "RunScript", {"script": "true"}, after=[first])
     assert listed(store, "pc-1") == []
     assert store.history(task_id=second)[0]["state"] == "waiting"
+    shown = format_history(store.history(client_id="pc-1"), show_client=False)
+    assert f"waiting for task {first} to succeed" in shown and "1 task: 1 waiting" in shown
     finish(store, "site-a", first)
     assert listed(store, "pc-1") == [second]
     assert store.history(task_id=second)[0]["state"] == "queued"

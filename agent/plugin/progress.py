@@ -42,6 +42,15 @@ class Progress:
             return
         self._last_pct, self._last_at = pct, now
         rate = done / max(now - self.started, 1e-6)
-        self.report(round(pct, 1), f"{self.what}: {done / 2**20:.0f} of "
-                                   f"{self.total / 2**20:.0f} MiB ({rate / 2**20:.0f} MiB/s)",
+        self.report(round(pct, 1), f"{self.what}: {human_bytes(done)} of "
+                                   f"{human_bytes(self.total)} ({human_bytes(rate)}/s)",
                     bytes_done=done, bytes_total=self.total, bytes_per_s=round(rate))
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in the unit that reads best: 512 B, 117 KiB, 3.4 MiB, 1.0 GiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from agent.plugin import BadParameters, Param, TaskFailed, TaskType, hookimpl
+from agent.plugin import BadParameters, Param, Progress, TaskFailed, TaskType, hookimpl
 
 from handlers.replication.fetch import FetchError, Pacer, fetch_file
 from handlers.replication.manifest import MAX_MANIFEST, ManifestError, parse_manifest
@@ -103,15 +103,10 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
             return {"package": package, "files": len(files), "bytes_fetched": 0,
                     "bytes_reused": total, "unchanged": True, "manifest_sha256": digest}
         current, staging = replica.current(), replica.start()
-        done = {"bytes": 0}
         pacer = Pacer(int(ctx.config.get("replication_kbps") or 0))
         fetched = reused = resumed = 0
         fetched_files: list[str] = []
-
-        def moved(n: int) -> None:
-            done["bytes"] += n
-            ctx.progress(100 * done["bytes"] / total if total else None,
-                         f"{done['bytes'] >> 20} of {total >> 20} MiB")
+        moved = Progress(total, ctx.progress, "fetched or reused").add
 
         for f in files:
             target = staging / f.path
