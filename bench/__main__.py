@@ -1,4 +1,5 @@
-"""``python -m bench [chain|imaging|pxe|deployment|fleet|all] [--quick]``: measure, print a table.
+"""``python -m bench [chain|imaging|pxe|deployment|replication|fleet|all] [--quick]``: measure,
+print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
 (also ``--only imaging``) measures disk capture/deploy against zstd and
@@ -10,13 +11,16 @@ VM's PXE boot until its agent registers (bench/deployment.py; root and QEMU);
 the built-in one on SQLite and the ASGI one on PostgreSQL side by side
 (``--server``): steady polling, a tickled fan-out, an outage and the return
 (bench/fleet.py; ``--agents``, ``--shards``, ``--seed``, ``--workers``; minutes,
-so not part of ``all``);
-``all`` (also ``--all``) runs the first four.
+so not part of ``all``); ``replication`` ReplicatePackage of a 1 GiB image and a
+driver package from nginx on loopback vs ``curl`` of the same files, then
+re-replication after one changed file and with nothing changed
+(bench/replication.py; nginx and curl; about a minute, 10 s with ``--quick``);
+``all`` (also ``--all``) runs all but ``fleet``.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
 ``bench/results.md``: the chain section first, then a ``## Imaging`` section,
 then a ``## PXE site server`` section, then ``## Initial deployment``, then
-``## Fleet``. A run
+``## Fleet``, then ``## Replication``. A run
 replaces the section(s) it measured and keeps the others as they were. Nothing
 is asserted.
 """
@@ -36,6 +40,7 @@ from bench import fleet as fleet_bench
 from bench import imaging as imaging_bench
 from bench import micro
 from bench import pxe as pxe_bench
+from bench import replication as replication_bench
 from bench.report import (Conditions, Row, cpu_row, machine_lines, mb, ms, percentile,
                           split_section, table, unwind_on_sigterm)
 
@@ -199,15 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?",
-                        choices=("chain", "imaging", "pxe", "deployment", "fleet", "all"),
+                        choices=("chain", "imaging", "pxe", "deployment", "replication",
+                                 "fleet", "all"),
                         help="what to measure (default: chain)")
-    parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment", "fleet"),
+    parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment",
+                                           "replication", "fleet"),
                         help="same as SUITE")
     parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
                         help="smaller run: 50 tickles, 200 tasks; imaging: 1 run per tool; "
                              "fleet: 500 agents, shorter phases")
-    parser.add_argument("--runs", type=int, help="imaging: runs per tool (default 3, quick 1)")
+    parser.add_argument("--runs", type=int, help="imaging: runs per tool; replication: rounds "
+                                                 "per package (default 3, quick 1)")
     parser.add_argument("--cold", action="store_true",
                         help="imaging: drop the page cache before every run of every tool "
                              "(default: warm cache, the disk read once before)")
@@ -248,12 +256,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"python -m bench: error: {exc}\n")
         unwind_on_sigterm()
 
+    if suite in ("replication", "all"):
+        try:
+            replication_bench.check()   # nginx, curl, the test extra
+        except replication_bench.Unavailable as exc:
+            parser.exit(2, f"python -m bench: error: {exc}\n")
+        unwind_on_sigterm()             # nginx stops on the way out
     if suite == "fleet":
         unwind_on_sigterm()             # the server and shard processes stop on the way out
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     chain_text = imaging_text = pxe_text = deployment_text = fleet_text = None
+    replication_text = None
     try:
         if suite in ("chain", "all"):
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
@@ -264,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             pxe_text = pxe_bench.section(workdir / "pxe", args.quick)
         if suite in ("deployment", "all"):
             deployment_text = deployment_bench.section(workdir / "deployment", args.quick)
+        if suite in ("replication", "all"):
+            replication_text = replication_bench.section(workdir / "replication", args.quick,
+                                                         args.runs)
         if suite == "fleet":
             fleet_text = fleet_bench.section(workdir, args.quick, args.agents, args.shards,
                                              args.seed, args.server, args.workers)
@@ -274,15 +292,20 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {workdir}")
     out = Path(args.out)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    old, old_fleet = split_section(old, fleet_bench.HEADING)   # first: the PXE cut takes the rest
+    # these two first: merge_results's PXE cut takes everything after the PXE heading
+    old, old_replication = split_section(old, replication_bench.HEADING)
+    old, old_fleet = split_section(old, fleet_bench.HEADING)
     old, old_deployment = split_section(old, deployment_bench.HEADING)
     print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text,
-                                  fleet_text) if t))
+                                  fleet_text, replication_text) if t))
     text = deployment_bench.join_section(
         merge_results(old, chain_text, imaging_text, pxe_text),
         deployment_text if deployment_text is not None else old_deployment)
+    text = deployment_bench.join_section(
+        text, fleet_text if fleet_text is not None else old_fleet)
     out.write_text(deployment_bench.join_section(
-        text, fleet_text if fleet_text is not None else old_fleet), encoding="utf-8")
+        text, replication_text if replication_text is not None else old_replication),
+        encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
     return 0
 

@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import imaging as imaging_bench
-from bench.report import (Conditions, Row, machine_lines, run_standalone, table,
-                          unwind_on_sigterm)
+from bench.report import (Conditions, Row, machine_lines, run_standalone, standalone_options,
+                          table)
 from tests import pxelab
 
 HEADING = "## Initial deployment"
@@ -723,19 +723,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 deploy rounds, 1 VM boot")
     parser.add_argument("--runs", type=int, help="deploy rounds (default 7, quick 3)")
     parser.add_argument("--boots", type=int, choices=(1, 2), help="VM boots (default 2)")
-    parser.add_argument("--workdir", help="where to work (default: a new temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir")
-    parser.add_argument("--out", help="also write the Markdown to this file")
+    standalone_options(parser)
     args = parser.parse_args(argv)
-    try:
-        check()
-    except Unavailable as exc:
-        print(f"bench.deployment: error: {exc}", file=sys.stderr)
-        return 2
-    unwind_on_sigterm()
     return run_standalone("bench.deployment", args, "dsagent-bench-deploy-",
                           lambda w: section(w, args.quick, runs=args.runs, boots=args.boots),
-                          "everything it started was stopped", say)
+                          "everything it started was stopped", say, check)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ from agent.pxe import probe
 from agent.pxe.bootfiles import BOOT_DIR, COMMON_SCRIPT, script_name
 from agent.pxe.service import run_dir_for
 from bench.chain import at_epoch
-from bench.report import (Conditions, Row, machine_lines, ms, percentile, run_standalone, table,
-                          unwind_on_sigterm)
+from bench.report import (Conditions, Row, machine_lines, ms, percentile, run_standalone,
+                          standalone_options, table)
 from taskserver.app import tickle_clients
 from taskserver.loopback import LoopbackChain
 from taskserver.pxe import PXEStore
@@ -715,20 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-runs", type=int,
                         help="runs of the big batch (default 2, quick 1; 0: none)")
     parser.add_argument("--samples", type=int, help="boot-script samples (default 50, quick 20)")
-    parser.add_argument("--workdir", help="where the agents live (default: a new temp dir)")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
-    parser.add_argument("--out", help="also write the Markdown to this file")
+    standalone_options(parser, "where the agents live (default: a new temp dir)",
+                       "keep the work dir (logs, DBs)")
     args = parser.parse_args(argv)
-    try:
-        check()
-    except Unavailable as exc:
-        print(f"bench.pxe: error: {exc}", file=sys.stderr)
-        return 2
-    unwind_on_sigterm()
     return run_standalone("bench.pxe", args, "dsagent-bench-pxe-",
                           lambda w: section(w, args.quick, runs=args.runs, big_runs=args.big_runs,
                                             big=args.big, samples=args.samples),
-                          "agents, dnsmasq and the namespace were stopped", say)
+                          "agents, dnsmasq and the namespace were stopped", say, check)
 
 
 if __name__ == "__main__":

@@ -129,12 +129,29 @@ def cpu_row(cpu_s: dict[str, float], done: int, elapsed_s: float) -> "Row":
                + f"); {total / elapsed_s:.2f} cores busy on average")
 
 
+def standalone_options(parser, workdir_help: str = "where to work (default: a new temp dir)",
+                       keep_help: str = "keep the work dir") -> None:
+    """The options every ``python -m bench.X`` with a work dir takes (run_standalone's)."""
+    parser.add_argument("--workdir", help=workdir_help)
+    parser.add_argument("--keep", action="store_true", help=keep_help)
+    parser.add_argument("--out", help="also write the Markdown to this file")
+
+
 def run_standalone(prog: str, args, prefix: str, make_text: Callable[[Path], str],
-                   stopped: str, say: Callable[[str], None]) -> int:
-    """The ``python -m bench.X`` tail the VM/namespace benches share: a work dir
+                   stopped: str, say: Callable[[str], None],
+                   check: Callable[[], None] | None = None) -> int:
+    """The ``python -m bench.X`` tail the VM/namespace benches share: ``check()``
+    first (a RuntimeError naming what is missing exits 2), a work dir
     (``args.workdir`` or a new temp one, removed unless kept), the section made,
     printed and written to ``args.out``; Ctrl-C/SIGTERM ends it with 130 and
     ``stopped`` (what was cleaned up)."""
+    if check is not None:
+        try:
+            check()
+        except RuntimeError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
+    unwind_on_sigterm()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
     began = time.monotonic()
     try:

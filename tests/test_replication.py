@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from handlers.bootwiz.packages import PackageChecker
+from handlers.replication.manifest import ManifestError, parse_manifest
 from replicationlab import PKG, Source, source  # noqa: F401 (a fixture)
 
 
@@ -122,6 +123,23 @@ def test_a_bad_manifest_path_is_refused_before_anything_is_written(
     assert list(store.iterdir()) == []
 
 
+def _manifest_of(paths) -> bytes:
+    return json.dumps({"id": PKG, "files": [{"path": p, "sha256": "0" * 64, "size": 1}
+                                            for p in paths]}).encode()
+
+
+@pytest.mark.parametrize("paths", [["a/b", "a"], ["a", "a/b"], ["x/a/b/c", "x/a"],
+                                   ["x/a", "x/a/b/c"]])
+def test_a_file_where_another_needs_a_folder_is_refused(paths):
+    with pytest.raises(ManifestError, match="is a folder of another file or inside one"):
+        parse_manifest(_manifest_of(paths), PKG)
+
+
+def test_names_sharing_a_prefix_are_not_a_clash():
+    paths = ["ab", "a/b", "a/bc", "a/b.d/e", "a/bb/c"] + [f"d{i}/f{i}" for i in range(20_000)]
+    assert [f.path for f in parse_manifest(_manifest_of(paths), PKG)] == paths
+
+
 def test_deletions_follow_the_source(dsagent_run, source, store):
     files = files_v1()
     source.write(files)
@@ -179,3 +197,15 @@ def test_a_full_disk_fails_clearly_and_the_version_in_place_stays_usable(source,
     in_place = lines[-1]
     assert {k: v for k, v in in_place.items() if k != "manifest.json"} == {
         p: hashlib.sha256(d).hexdigest() for p, d in small.items()}
+
+
+def test_replication_kbps_paces_the_download(dsagent_run, source, store):
+    """A lower bound only (the limiter's job): 600 kB at 300 kB/s cannot take under 2 s."""
+    from datetime import datetime
+
+    source.write({"big.bin": os.urandom(600_000)})
+    run = replicate(dsagent_run, store, source.url(), replication_kbps=300)
+    assert run.states[-1] == "succeeded", run.message
+    at = {e["state"]: datetime.fromisoformat(e["at"].replace("Z", "+00:00")) for e in run.events}
+    assert (at["succeeded"] - at["running"]).total_seconds() >= 1.9
+    assert run.details["bytes_fetched"] == 600_000

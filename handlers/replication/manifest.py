@@ -39,6 +39,7 @@ def parse_manifest(raw: bytes, package: str) -> list[PackageFile]:
         raise ManifestError(f"manifest.json names package {data.get('id')!r}, not '{package}'")
     files: list[PackageFile] = []
     seen: set[str] = set()
+    folders: set[str] = set()      # every folder a listed file is in (n × depth, not n²)
     for index, item in enumerate(data["files"]):
         if not isinstance(item, dict):
             raise ManifestError(f"files[{index}] is not an object")
@@ -50,7 +51,8 @@ def parse_manifest(raw: bytes, package: str) -> list[PackageFile]:
             raise ManifestError(f"files[{index}] path {path!r} is refused ({why})")
         if path in seen:
             raise ManifestError(f"files[{index}] path {path!r} repeats another")
-        if any(path.startswith(other + "/") or other.startswith(path + "/") for other in seen):
+        parents = ["/".join(path.split("/")[:n]) for n in range(1, path.count("/") + 1)]
+        if path in folders or any(parent in seen for parent in parents):
             raise ManifestError(f"files[{index}] path {path!r} is a folder of another file "
                                 "or inside one")
         if not isinstance(digest, str) or not SHA_RE.fullmatch(digest):
@@ -58,5 +60,6 @@ def parse_manifest(raw: bytes, package: str) -> list[PackageFile]:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ManifestError(f"files[{index}] ({path}) has no valid size (bytes, >= 0)")
         seen.add(path)
+        folders.update(parents)
         files.append(PackageFile(path, digest.lower(), size))
     return files

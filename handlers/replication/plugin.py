@@ -23,7 +23,7 @@ import httpx
 
 from agent.plugin import BadParameters, Param, Progress, TaskFailed, TaskType, hookimpl
 
-from handlers.replication.fetch import FetchError, Pacer, fetch_file
+from handlers.replication.fetch import FetchError, Fetcher, Pacer
 from handlers.replication.manifest import MAX_MANIFEST, ManifestError, parse_manifest
 from handlers.replication.replica import Replica
 
@@ -103,26 +103,25 @@ def replicate(store: str, package: str, source: str, ctx) -> dict:
             return {"package": package, "files": len(files), "bytes_fetched": 0,
                     "bytes_reused": total, "unchanged": True, "manifest_sha256": digest}
         current, staging = replica.current(), replica.start()
-        pacer = Pacer(int(ctx.config.get("replication_kbps") or 0))
         fetched = reused = resumed = 0
         fetched_files: list[str] = []
         moved = Progress(total, ctx.progress, "fetched or reused").add
-
-        for f in files:
-            target = staging / f.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if f.path in in_place:
-                os.link(current / f.path, target)
-                reused += f.size
-                moved(f.size)
-                continue
-            partial = replica.partial / f.sha256
-            got, was_resumed = fetch_file(http, source, f, partial, pacer, moved,
-                                          ctx.cancelled)
-            os.replace(partial, target)
-            fetched += got
-            resumed += was_resumed
-            fetched_files.append(f.path)
+        pacer = Pacer(int(ctx.config.get("replication_kbps") or 0))
+        with Fetcher(source, pacer, moved, ctx.cancelled) as fetcher:
+            for f in files:
+                target = staging / f.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if f.path in in_place:
+                    os.link(current / f.path, target)
+                    reused += f.size
+                    moved(f.size)
+                    continue
+                partial = replica.partial / f.sha256
+                got, was_resumed = fetcher.fetch(f, partial)
+                os.replace(partial, target)
+                fetched += got
+                resumed += was_resumed
+                fetched_files.append(f.path)
         version = replica.switch(staging, manifest)
     ctx.log.info("package '%s' replicated from %s: version %s, %d file(s) fetched, %d reused",
                  package, source, version, len(fetched_files), len(files) - len(fetched_files))
