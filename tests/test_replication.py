@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from handlers.bootwiz.packages import PackageChecker
 from handlers.replication.manifest import ManifestError, parse_manifest
@@ -209,3 +210,33 @@ def test_replication_kbps_paces_the_download(dsagent_run, source, store):
     at = {e["state"]: datetime.fromisoformat(e["at"].replace("Z", "+00:00")) for e in run.events}
     assert (at["succeeded"] - at["running"]).total_seconds() >= 1.9
     assert run.details["bytes_fetched"] == 600_000
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["id", "files", "path", "sha256", "size"])
+                                       | st.text(max_size=6), inner, max_size=5), max_leaves=20)
+_entry = st.fixed_dictionaries({
+    "path": st.text(alphabet="ab/.\\\0 \n", max_size=10) | st.sampled_from(["a", "a/b", ".."]),
+    "sha256": st.sampled_from(["0" * 64, "F" * 64, "xyz", ""]) | st.integers(),
+    "size": st.integers(min_value=-2, max_value=3) | st.booleans() | st.none()})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300) | _json.map(lambda v: json.dumps(v).encode())
+       | st.lists(_entry, max_size=6).map(
+           lambda files: json.dumps({"id": PKG, "files": files}).encode()))
+def test_any_manifest_is_taken_whole_or_refused_by_name(raw):
+    """The manifest comes from the network: whatever it holds, the parser
+    returns checked files or raises ManifestError, never anything else."""
+    try:
+        files = parse_manifest(raw, PKG)
+    except ManifestError as exc:
+        assert str(exc)
+        return
+    paths = [f.path for f in files]
+    assert len(set(paths)) == len(paths)
+    for f in files:
+        assert not f.path.startswith("/") and ".." not in f.path.split("/")
+        assert "\\" not in f.path and "\0" not in f.path
+        assert len(f.sha256) == 64 and f.size >= 0

@@ -214,3 +214,35 @@ def test_a_deploy_waits_for_its_image_on_every_holder(clients, source):
     assert listed(store, "pc-1") == []
     finish(store, "site-b", queued["site-b"], manifest_sha256=digest)
     assert listed(store, "pc-1") == [deploy]
+
+
+def test_serve_checks_the_sources_on_its_schedule(clients, store_target, source):
+    """``dsagent-server serve --package-check-s``: a source's change is noticed
+    and queued without anyone asking."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    store, packages = clients, PackageStore(clients)
+    source.publish("nic", {"a.ko": b"one"})
+    packages.add("nic", "driver", source.url("nic"), ["site-a"])
+    server = subprocess.Popen([sys.executable, "-m", "taskserver", "serve", "--db", store_target,
+                               "--listen", "127.0.0.1:0", "--package-check-s", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def replications():
+            return [t for t in store.history(client_id="site-a")
+                    if t["type"] == "ReplicatePackage"]
+
+        wait_until(lambda: len(replications()) == 1, 20, "the first check")
+        digest = source.publish("nic", {"a.ko": b"two"})
+        finish(store, "site-a", replications()[0]["task_id"], manifest_sha256="old")
+        wait_until(lambda: len(replications()) == 2, 20, "the check after the change")
+        finish(store, "site-a", replications()[1]["task_id"], manifest_sha256=digest)
+        assert packages.packages()[0]["holders"][0]["state"] == "replicated"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=20)
+    assert server.returncode == 0, err
