@@ -6,7 +6,8 @@
 # flood generator: they must not pass unchecked).
 set -u
 declare -A pkg=([cpio]=cpio [mkfs.ext4]=e2fsprogs [sfdisk]=fdisk [zstd]=zstd [partclone.ext4]=partclone [cc]=gcc
-                [systemd-analyze]=systemd [openssl]=openssl [curl]=curl)
+                [systemd-analyze]=systemd [openssl]=openssl [curl]=curl
+                [mkntfs]=ntfs-3g [mkfs.vfat]=dosfstools [mcopy]=mtools [udp-sender]=udpcast)
 # The PXE site server and its tests (docs/pxe.md): dnsmasq is the engine, and
 # QEMU's iPXE ROM PXE-boots a VM (a Debian kernel, a busybox initrd) in a
 # network namespace. Checked by file, since these are not all commands. The MQTT

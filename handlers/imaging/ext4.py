@@ -35,7 +35,7 @@ import uuid as _uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Ext4Layout", "Ext4Unusable", "probe", "read_layout"]
+__all__ = ["Ext4Layout", "Ext4Unusable", "Unusable", "probe", "read_layout"]
 
 SUPERBLOCK_OFFSET = 1024
 EXT4_MAGIC = 0xEF53
@@ -108,6 +108,9 @@ class Ext4Unusable(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+Unusable = Ext4Unusable     # the name source.py's FILESYSTEMS readers share
 
 
 @dataclass
@@ -482,7 +485,7 @@ def _derived_uninit_runs(sb: _Super, group: int, desc, groups: int, nclusters: i
 
 
 def read_layout(read_at: Callable[[int, int], bytes], size: int, *,
-                derive_uninit: bool = False) -> Ext4Layout:
+                derive_uninit: bool = True) -> Ext4Layout:
     """Read the block allocation of the ext2/3/4 filesystem starting at offset 0.
 
     read_at(offset, length) reads from the filesystem start; size is the

@@ -1,10 +1,17 @@
 """What to read from a source disk, and facts about disks.
 
-A plan is a list of regions, each either ``used`` (bytes an ext4 bitmap says
-are in use: stored as they are) or ``scan`` (content unknown: read, and keep
-only chunks that are not all zero, skipping file holes with SEEK_DATA). With a
-partition table, each ext4 partition is planned from its bitmaps and the rest
-of the disk (tables, gaps, other filesystems) is scanned.
+A plan is a list of regions, each either ``used`` (bytes a file system's own
+allocation map says are in use: stored as they are) or ``scan`` (content
+unknown: read, and keep only chunks that are not all zero, skipping file holes
+with SEEK_DATA). With a partition table, each partition is planned on its own
+and the rest of the disk (tables, gaps) is scanned.
+
+A file system is planned by the first reader of FILESYSTEMS whose ``probe``
+knows it (each a module of this package: ``probe(read_at) -> bool``,
+``read_layout(read_at, size)`` -> ``used_ranges``, ``scan_ranges``,
+``fs_bytes``, ``facts``); its ``Unusable`` falls back to zero-skip, with the
+reason recorded; an ImageError (a volume that must not be imaged: a
+hibernated NTFS, say) fails the capture with its message.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from handlers.imaging import ext4
 from handlers.imaging.store import ImageError
 
 log = logging.getLogger("dsagent.imaging")
 
 EXTENDED_TYPES = {"5", "f", "85"}  # MBR extended partition containers
+FILESYSTEMS = ("ext4",)            # readers of used-block maps, tried in this order
 
 
 @dataclass
@@ -111,26 +118,41 @@ def _reader(fd: int, base: int):
     return read_at
 
 
+def _readers():
+    from importlib import import_module
+
+    return [(name, import_module(f"handlers.imaging.{name}")) for name in FILESYSTEMS]
+
+
 def _plan_filesystem(fd: int, plan: Plan, start: int, size: int, label: str) -> None:
-    """Plan [start, start+size): by ext4 bitmaps when possible, else scan."""
+    """Plan [start, start+size): by the file system's own map when one is known, else scan."""
     read_at = _reader(fd, start)
     fs_fact: dict[str, Any] = {"where": label, "offset": start, "size": size}
     plan.facts.setdefault("filesystems", []).append(fs_fact)
+    found = None
     try:
-        if not ext4.probe(read_at):
+        found = next(((name, reader) for name, reader in _readers() if reader.probe(read_at)),
+                     None)
+        if found is None:
             fs_fact["type"] = "unknown"
             fs_fact["strategy"] = "zero-skip"
             plan.scan.append((start, size))
             return
-        layout = ext4.read_layout(read_at, size, derive_uninit=True)
-    except ext4.Ext4Unusable as exc:
-        fs_fact.update(type="ext4", strategy="zero-skip", fallback_reason=exc.reason)
-        log.warning("%s: ext4 bitmaps not usable (%s); reading everything", label, exc.reason)
-        plan.scan.append((start, size))
-        return
+        name, reader = found
+        layout = reader.read_layout(read_at, size)
+    except ImageError as exc:
+        raise ImageError(f"{label}: {exc}") from None
     except OSError as exc:
         raise ImageError(f"cannot read the source: {exc.strerror or exc}") from None
-    fs_fact.update(type="ext4", strategy="ext4-bitmap", **layout.facts)
+    except Exception as exc:
+        if found is None or not isinstance(exc, found[1].Unusable):
+            raise
+        fs_fact.update(type=name, strategy="zero-skip", fallback_reason=exc.reason)
+        log.warning("%s: the %s allocation map is not usable (%s); reading everything", label,
+                    name, exc.reason)
+        plan.scan.append((start, size))
+        return
+    fs_fact.update(type=name, strategy=f"{name}-bitmap", **layout.facts)
     plan.used += [(start + o, n) for o, n in layout.used_ranges]
     plan.scan += [(start + o, n) for o, n in layout.scan_ranges]
     if layout.fs_bytes < size:  # slack after the filesystem's last block
