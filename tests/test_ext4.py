@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from handlers.imaging import ext4
 from handlers.imaging.ext4 import Ext4Unusable, probe, read_layout
+from handlers.imaging.fsmap import bitmap_runs
 
 
 def _tool(name: str) -> str | None:
@@ -349,7 +350,7 @@ def test_bitmap_runs_match_naive():
                 i = j
             else:
                 i += 1
-        assert ext4._bitmap_runs(data, nbits) == naive
+        assert bitmap_runs(data, nbits) == naive
 
 
 def test_large_sparse_fs(tmp_path):

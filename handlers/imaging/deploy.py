@@ -1,10 +1,14 @@
 """Write an image onto a target disk (DeployImage / RestoreBackupImage).
 
-Every run is verified (sha256) before it is written; every byte the image
-does not store, up to the source's size, is made zero (hole punched in a
-file, BLKZEROOUT on a block device, zeros written where neither works), so no
-old data of the target survives. The target is fsync'd, and its checksum over
-the written span is computed as it is written, in a thread of its own.
+Every run is verified (sha256) before it is written; every byte of the target
+the image does not store, up to the source's size and past it to the
+target's end, is made zero (hole punched in a file, BLKZEROOUT on a block
+device, zeros written where neither works), so no old data of the target
+survives. A target smaller than the source is refused before anything is
+written. On a larger target the GPT's backup moves to the new end
+(disklabel.py), and with ``grow`` the last partition and its file system fill
+the disk (grow.py). The target is fsync'd, and its checksum over the image's
+span is computed as the image is written, in a thread of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from typing import Callable, Iterator
 import zstandard
 
 from agent.plugin import Progress
+from agent.plugin.progress import human_bytes
+from handlers.imaging import grow as growing
+from handlers.imaging.disklabel import (check_sector_size, move_gpt_backup, reread_partitions,
+                                        table_sector_size)
 from handlers.imaging.source import check_disk_path, disk_size, in_use
 from handlers.imaging.store import Chunk, ImageError
 
@@ -36,6 +44,7 @@ ZERO_BLOCK = bytes(4 * 1024 * 1024)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 BLKZEROOUT = 0x127F
+ZERO_PIECE = 1 << 30      # past the image, zeroed a GiB at a time (progress, cancel)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -122,9 +131,11 @@ class _Hasher(threading.Thread):
 
 
 def deploy(store, name: str, kind: str, target: str,
-           report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False) -> dict:
+           report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False,
+           grow: bool = False) -> dict:
     """Write image ``name`` (which must be of ``kind``) from ``store`` (a local
-    ImageStore or an HttpImageStore) onto ``target``; return details."""
+    ImageStore or an HttpImageStore) onto ``target``; with ``grow``, then fill
+    a larger target with the last partition and its file system; return details."""
     started = time.monotonic()
     check_disk_path(target, "target")
     version = store.open_current(name)
@@ -135,7 +146,9 @@ def deploy(store, name: str, kind: str, target: str,
             raise ImageError(f"image '{name}' is a {version.kind} image; {task} takes only "
                              f"{kind} images (use {other})")
         chunks = version.chunks()
-        size = int(version.meta["source"]["size"])
+        source = version.meta["source"]
+        size = int(source["size"])
+        table = source.get("partition_table")
         why = in_use(target)
         if why:
             raise ImageError(f"refusing to write a disk in use: {why}")
@@ -143,30 +156,83 @@ def deploy(store, name: str, kind: str, target: str,
         try:
             target_size = disk_size(fd)
             if target_size < size:
-                raise ImageError(f"target {target} is {target_size} bytes, smaller than the "
-                                 f"image's source ({size} bytes)")
+                raise ImageError(
+                    f"target {target} is {target_size} bytes ({human_bytes(target_size)}), "
+                    f"smaller than the image's source: {size} bytes ({human_bytes(size)}); "
+                    "nothing was written (deploying onto a smaller disk is not supported)")
+            check_sector_size(fd, table, target)
+            if grow:
+                growing.precheck(source)   # refuses before anything is written
+            image_high = 90.0 if grow or target_size > size else 100.0
+            zero_high = 95.0 if grow else 100.0
             data = version.open_data()
             try:
-                written, zeroed, digest = _write_image(fd, data, chunks, size, report,
-                                                       cancelled, f"image '{name}'")
+                written, zeroed, digest = _write_image(fd, data, chunks, size,
+                                                       _phase(report, "image"), cancelled,
+                                                       f"image '{name}'", image_high)
                 transfer = data.stats()
             finally:
                 data.close()
+            past = _zero_past_image(fd, size, target_size, _phase(report, "zero"), cancelled,
+                                    image_high, zero_high)
+            moved = move_gpt_backup(fd, size, target_size, table_sector_size(table))
             os.fsync(fd)
         finally:
             os.close(fd)
     finally:
         version.close()
+    grown = None
+    if grow:
+        if cancelled():
+            raise ImageError("deploy cancelled (the image is written; grow was not done)")
+        grown = growing.grow_target(target, size, target_size, report, zero_high, 100.0)
+    _settle(target)
     elapsed = time.monotonic() - started
     return {"image": name, "version": version.version, "kind": kind, "target": target,
             "bytes_written": written, "bytes_zeroed": zeroed, "span_bytes": size,
+            "target_bytes": target_size, "zeroed_past_image": past,
+            "gpt_backup_moved": moved, "grow": grow, "grown": grown,
             "target_sha256": digest, **transfer, "duration_s": round(elapsed, 3),
             "mb_per_s": round(size / 2**20 / max(elapsed, 1e-6), 1)}
 
 
+def _phase(report: Callable[..., None], phase: str) -> Callable[..., None]:
+    return lambda pct, msg, **details: report(pct, msg, phase=phase, **details)
+
+
+def _zero_past_image(fd: int, size: int, target_size: int, report, cancelled,
+                     low: float, high: float) -> int:
+    """Make [size, target_size) zero: no old data of a larger target survives."""
+    total = target_size - size
+    if total <= 0:
+        return 0
+    progress = Progress(total, report, "zeroed past the image", low=low, high=high)
+    zeroer = _Zeroer(fd)
+    done = 0
+    while done < total:
+        if cancelled():
+            raise ImageError("deploy cancelled")
+        n = min(ZERO_PIECE, total - done)
+        zeroer.zero(size + done, n)
+        done += n
+        progress.update(done)
+    progress.update(total, force=True)
+    return total
+
+
+def _settle(target: str) -> None:
+    """fsync what the grow tools wrote, and let the kernel see a block device's table."""
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        reread_partitions(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_image(fd: int, data, chunks: Iterator[Chunk], size: int, report, cancelled,
-                 image: str):
-    progress = Progress(size, report, "deployed")
+                 image: str, high: float = 100.0):
+    progress = Progress(size, report, "deployed", high=high)
     zeroer = _Zeroer(fd)
     hasher = _Hasher()
     hasher.start()

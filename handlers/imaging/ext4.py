@@ -29,11 +29,12 @@ output by tests/test_ext4.py):
 
 from __future__ import annotations
 
-import re
 import struct
 import uuid as _uuid
 from dataclasses import dataclass, field
 from typing import Callable
+
+from handlers.imaging.fsmap import MapUnusable, Ranges, bitmap_runs
 
 __all__ = ["Ext4Layout", "Ext4Unusable", "Unusable", "probe", "read_layout"]
 
@@ -102,12 +103,8 @@ _RO_COMPAT_OK = (0x1 | 0x2 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x200
 _COMPAT_REFUSED = 0x40
 
 
-class Ext4Unusable(Exception):
+class Ext4Unusable(MapUnusable):
     """The bitmaps cannot be trusted; copy the whole filesystem instead."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 Unusable = Ext4Unusable     # the name source.py's FILESYSTEMS readers share
@@ -131,76 +128,6 @@ def probe(read_at: Callable[[int, int], bytes]) -> bool:
     read_at propagate."""
     magic = read_at(SUPERBLOCK_OFFSET + 0x38, 2)
     return len(magic) == 2 and struct.unpack("<H", magic)[0] == EXT4_MAGIC
-
-
-# --------------------------------------------------------------------------
-# Bitmap -> runs of set bits.
-#
-# Bitmaps of large filesystems are mostly 0x00 (free) or 0xFF (used) bytes, so
-# a regex finds runs of 0xFF and single mixed bytes at C speed and skips 0x00
-# runs entirely; only mixed bytes are split into bit runs, via a table.
-
-_USED_BYTES_RE = re.compile(rb"\xff+|[\x01-\xfe]")
-
-
-def _byte_runs(value: int) -> tuple[tuple[int, int], ...]:
-    runs, bit = [], 0
-    while bit < 8:
-        if value >> bit & 1:
-            start = bit
-            while bit < 8 and value >> bit & 1:
-                bit += 1
-            runs.append((start, bit))
-        else:
-            bit += 1
-    return tuple(runs)
-
-
-_BYTE_RUNS = tuple(_byte_runs(v) for v in range(256))
-
-
-def _bitmap_runs(bitmap: bytes, nbits: int) -> list[list[int]]:
-    """Merged [start, end) runs of set bits among the first nbits bits."""
-    runs: list[list[int]] = []
-
-    def add(start: int, end: int) -> None:
-        if runs and runs[-1][1] == start:
-            runs[-1][1] = end
-        else:
-            runs.append([start, end])
-
-    full, rest = divmod(nbits, 8)
-    for m in _USED_BYTES_RE.finditer(bitmap, 0, full):
-        s, e = m.span()
-        if e - s > 1 or bitmap[s] == 0xFF:
-            add(s * 8, e * 8)
-        else:
-            base = s * 8
-            for a, b in _BYTE_RUNS[bitmap[s]]:
-                add(base + a, base + b)
-    if rest:  # bits past nbits are padding (last group) and must not count
-        base = full * 8
-        for a, b in _BYTE_RUNS[bitmap[full] & ((1 << rest) - 1)]:
-            add(base + a, base + b)
-    return runs
-
-
-class _Ranges:
-    """Byte ranges appended in ascending order, merged on the fly."""
-
-    def __init__(self) -> None:
-        self._r: list[list[int]] = []
-
-    def add(self, start: int, end: int) -> None:
-        if end <= start:
-            return
-        if self._r and self._r[-1][1] >= start:
-            self._r[-1][1] = max(self._r[-1][1], end)
-        else:
-            self._r.append([start, end])
-
-    def result(self) -> list[tuple[int, int]]:
-        return [(s, e - s) for s, e in self._r]
 
 
 # --------------------------------------------------------------------------
@@ -541,8 +468,8 @@ def read_layout(read_at: Callable[[int, int], bytes], size: int, *,
                 raise Ext4Unusable(f"block bitmap of group {g} (block {bb}) is outside its group and flex_bg is off")
         to_read.append(g)
 
-    used = _Ranges()
-    scan = _Ranges()
+    used = Ranges()
+    scan = Ranges()
     if sb.first_data_block == 1:
         used.add(0, SUPERBLOCK_OFFSET)  # boot block: in no group, but part of the filesystem
     total_free = 0  # clusters
@@ -590,7 +517,7 @@ def read_layout(read_at: Callable[[int, int], bytes], size: int, *,
             members = batch_of.pop(g)
             data = _read_exact(read_at, descs[g][0] * bs, len(members) * bs, f"block bitmap of group {g}")
             bitmaps = {m: data[k * bs:(k + 1) * bs] for k, m in enumerate(members)}
-        runs = _bitmap_runs(bitmaps.pop(g), nclusters)
+        runs = bitmap_runs(bitmaps.pop(g), nclusters)
         free_bits = nclusters - sum(e - s for s, e in runs)
         if free_bits != free_desc:
             raise Ext4Unusable(f"free block count of group {g}: its bitmap has {free_bits} free {unit} but "

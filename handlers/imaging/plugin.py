@@ -1,7 +1,9 @@
 """The four imaging task types (PROTOCOL.md §4), as an ordinary handler plugin.
 
 CreateImage / CreateBackupImage: ``source`` (block device or disk file),
-``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``.
+``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``,
+optional ``grow`` (``true``|``false``: fill a larger target with the last
+partition and its file system, deploy.py and grow.py).
 Capture images go only with DeployImage, backup images only with
 RestoreBackupImage. Needs ``[handlers] image_store``: a folder, or an
 http(s) URL of a web server that serves files and takes PUT (httpstore.py).
@@ -28,6 +30,9 @@ SOURCE = Param("source", required=True, type="path",
                description="the disk read: a block device or a disk file")
 TARGET = Param("target", required=True, type="path",
                description="the disk written: a block device or a disk file")
+GROW = Param("grow", pattern="true|false",
+             description="true: on a larger target, grow the last partition and its file "
+                         "system (ext4, NTFS) to fill it (default false)")
 
 
 @hookimpl
@@ -37,9 +42,9 @@ def dsagent_task_types(register):
     register(TaskType("CreateBackupImage", DEFAULT_TIMEOUT_S, "back up a disk into the image store",
                       parameters=(SOURCE, IMAGE)))
     register(TaskType("DeployImage", DEFAULT_TIMEOUT_S, "write a capture image onto a disk",
-                      parameters=(IMAGE, TARGET)))
+                      parameters=(IMAGE, TARGET, GROW)))
     register(TaskType("RestoreBackupImage", DEFAULT_TIMEOUT_S, "write a backup image onto a disk",
-                      parameters=(IMAGE, TARGET)))
+                      parameters=(IMAGE, TARGET, GROW)))
 
 
 @hookimpl
@@ -81,7 +86,7 @@ def dsagent_run_task(task, ctx):
                               report, ctx.cancelled)
         else:
             details = deploy(store, params["image"], WRITE[task.type], params["target"],
-                             report, ctx.cancelled)
+                             report, ctx.cancelled, grow=params.get("grow") == "true")
     except ImageError as exc:
         raise TaskFailed(str(exc)) from None
     except OSError as exc:

@@ -30,7 +30,7 @@ from handlers.imaging.store import ImageError
 log = logging.getLogger("dsagent.imaging")
 
 EXTENDED_TYPES = {"5", "f", "85"}  # MBR extended partition containers
-FILESYSTEMS = ("ext4",)            # readers of used-block maps, tried in this order
+FILESYSTEMS = ("ext4", "ntfs", "fat")  # readers of used-block maps, tried in this order
 
 
 @dataclass
