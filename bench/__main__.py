@@ -2,8 +2,10 @@
 print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
-(also ``--only imaging``) measures disk capture/deploy against zstd and
-partclone (bench/imaging.py); ``pxe`` three PXE site servers answering a
+(also ``--only imaging``) measures disk capture/deploy of an ext4 disk against
+zstd and partclone (bench/imaging.py) and of an NTFS one against partclone.ntfs
+and ntfsclone (bench/imaging_ntfs.py; ``--fs ext4|ntfs`` measures only one,
+the other's table kept); ``pxe`` three PXE site servers answering a
 console change and serving boot scripts (bench/pxe.py; root and dnsmasq);
 ``deployment`` DeployImage over HTTP vs a folder, the automation initrd and a
 VM's PXE boot until its agent registers (bench/deployment.py; root and QEMU);
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", action="store_true",
                         help="imaging: drop the page cache before every run of every tool "
                              "(default: warm cache, the disk read once before)")
+    parser.add_argument("--fs", "--only-fs", dest="fs", choices=imaging_bench.FILESYSTEMS,
+                        help="imaging: measure only this file system's disk (default: both); "
+                             "results.md keeps the other's table")
     parser.add_argument("--tickles", type=int, help="latency samples (default 200, quick 50)")
     parser.add_argument("--tasks", type=int, help="throughput tasks (default 1000, quick 200)")
     parser.add_argument("--agents", type=int,
@@ -274,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
         if suite in ("imaging", "all"):
             runs = args.runs or (1 if args.quick else 3)
-            imaging_text = imaging_bench.section(workdir / "imaging", runs, args.cold, args.quick)
+            imaging_text = imaging_bench.section(
+                workdir / "imaging", runs, args.cold, args.quick,
+                (args.fs,) if args.fs else imaging_bench.FILESYSTEMS)
         if suite in ("pxe", "all"):
             pxe_text = pxe_bench.section(workdir / "pxe", args.quick)
         if suite in ("deployment", "all"):
@@ -298,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     old, old_deployment = split_section(old, deployment_bench.HEADING)
     print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text,
                                   fleet_text, replication_text) if t))
+    if imaging_text is not None and args.fs:    # the other file system's table as it was
+        imaging_text = imaging_bench.merge_section(split_section(old, IMAGING_HEADING)[1],
+                                                   imaging_text)
     text = deployment_bench.join_section(
         merge_results(old, chain_text, imaging_text, pxe_text),
         deployment_text if deployment_text is not None else old_deployment)

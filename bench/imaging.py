@@ -1,5 +1,6 @@
 """Imaging: capture and deploy of a 1 GiB ext4 disk file, side by side with
-``zstd`` and Debian's ``partclone.ext4``, in one run.
+``zstd`` and Debian's ``partclone.ext4``, in one run; the NTFS one
+(bench/imaging_ntfs.py, using this module's machinery) is its second table.
 
 The disk: a 1 GiB file made with ``mkfs.ext4 -q -F -d TREE``, TREE holding
 ~200 MB of random (incompressible) files and ~200 MB of compressible ones
@@ -28,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import struct
@@ -669,14 +671,56 @@ maximum resident set size as GNU time reports it. Image store, images and target
 as the source.""", width=90) + "\n"
 
 
-def section(workdir: Path, runs: int, cold: bool, quick: bool) -> str:
+HEADING, EXT4_HEADING = "## Imaging", "### ext4"
+FILESYSTEMS = ("ext4", "ntfs")
+INTRO = ("Capture and deploy of 1 GiB disk files, ours side by side with the command-line "
+         "tools: ext4 (vs zstd and partclone.ext4) and NTFS (issue #16: vs partclone.ntfs and "
+         "ntfsclone). `python -m bench imaging --fs ext4|ntfs` measures one and keeps the "
+         "other's subsection as it was.")
+
+
+def ext4_subsection(workdir: Path, runs: int, cold: bool, quick: bool) -> str:
     conditions = Conditions()
     workdir.mkdir(parents=True, exist_ok=True)
     rws, facts = bench(workdir, runs=runs, cold=cold)
     mode = (f"{runs} runs per tool, " + ("cold cache" if facts["cold"] else "warm cache")
             + (" (quick)" if quick else ""))
-    return "\n".join(["## Imaging", "", *machine_lines(workdir, mode), conditions.line(),
+    return "\n".join([EXT4_HEADING, "", *machine_lines(workdir, mode), conditions.line(),
                       f"- Tools: {version_line()}", "", table(rws), "", notes(facts)])
+
+
+def section(workdir: Path, runs: int, cold: bool, quick: bool,
+            filesystems: tuple[str, ...] = FILESYSTEMS) -> str:
+    """The ``## Imaging`` section: a ``### ext4`` and a ``### NTFS`` subsection (those
+    measured; merge_section puts back the others)."""
+    from bench import imaging_ntfs   # it imports this module
+    parts = [HEADING, "", INTRO]
+    if "ext4" in filesystems:
+        parts += ["", ext4_subsection(workdir, runs, cold, quick)]
+    if "ntfs" in filesystems:
+        parts += ["", imaging_ntfs.subsection(workdir / "ntfs", runs, cold, quick)]
+    return "\n".join(parts)
+
+
+def subsections(text: str) -> dict[str, str]:
+    """``### `` heading -> its block, of an ``## Imaging`` section (one from before
+    the NTFS bench, without subsections, is the ext4 one)."""
+    out = {}
+    for block in re.split(r"(?m)^(?=### )", text.split("\n", 1)[1] if text.startswith(HEADING)
+                          else text):
+        block = block.strip()
+        if block.startswith("### "):
+            out[block.splitlines()[0]] = block
+        elif block.startswith("- Date:"):
+            out[EXT4_HEADING] = f"{EXT4_HEADING}\n\n{block}"
+    return out
+
+
+def merge_section(old: str, new: str) -> str:
+    """``new``'s subsections, and ``old``'s others, in their order."""
+    subs = {**subsections(old), **subsections(new)}
+    order = [EXT4_HEADING] + sorted(h for h in subs if h != EXT4_HEADING)
+    return "\n\n".join([HEADING, INTRO] + [subs[h] for h in order if h in subs])
 
 
 def version_line() -> str:

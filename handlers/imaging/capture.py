@@ -27,6 +27,7 @@ import zstandard
 
 from agent import __version__
 from agent.plugin import Progress
+from handlers.imaging.buffers import reusing_buffers
 from handlers.imaging.source import Plan, check_disk_path, in_use, plan_source
 from handlers.imaging.store import FORMAT, Chunk, ImageError, IndexWriter
 
@@ -118,6 +119,7 @@ def _pread(fd: int, n: int, pos: int) -> bytes:
     return buf
 
 
+@reusing_buffers
 def capture(source: str, store, name: str, kind: str,
             report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False
             ) -> dict:

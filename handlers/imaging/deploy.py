@@ -35,8 +35,9 @@ from agent.plugin.progress import human_bytes
 from handlers.imaging import grow as growing
 from handlers.imaging.disklabel import (check_sector_size, move_gpt_backup, reread_partitions,
                                         table_sector_size)
+from handlers.imaging.buffers import reusing_buffers
 from handlers.imaging.source import check_disk_path, disk_size, in_use
-from handlers.imaging.store import Chunk, ImageError
+from handlers.imaging.store import Chunk, ImageError, start_writeback
 
 THREADS = 2
 IN_FLIGHT = 4
@@ -130,6 +131,7 @@ class _Hasher(threading.Thread):
             self.sha.update(buf)
 
 
+@reusing_buffers
 def deploy(store, name: str, kind: str, target: str,
            report: Callable[..., None], cancelled: Callable[[], bool] = lambda: False,
            grow: bool = False) -> dict:
@@ -257,6 +259,7 @@ def _write_image(fd: int, data, chunks: Iterator[Chunk], size: int, report, canc
             written += run.length
             cursor = run.src_offset + run.length
             pos += run.length
+        start_writeback(fd, runs[0].src_offset, cursor - runs[0].src_offset)  # fsync: less left
         progress.update(cursor)
 
     where = f"{image} ({data.where})"

@@ -30,6 +30,7 @@ from handlers.imaging.store import ImageError
 log = logging.getLogger("dsagent.imaging")
 
 EXTENDED_TYPES = {"5", "f", "85"}  # MBR extended partition containers
+WHOLE_DISK_IDS = (b"NTFS    ", b"-FVE-FS-")   # OEM ids no MBR carries at byte 3
 FILESYSTEMS = ("ext4", "ntfs", "fat")  # readers of used-block maps, tried in this order
 
 
@@ -163,7 +164,9 @@ def plan_source(path: str, fd: int) -> Plan:
     """Decide which bytes of the source to read (see module docstring)."""
     size = disk_size(fd)
     plan = Plan(size=size)
-    table = partition_table(path)
+    # sector 0 an NTFS (or BitLocker) boot sector: a whole-disk volume, no table to ask
+    # sfdisk for (its start is a fifth of a small capture's time)
+    table = None if os.pread(fd, 11, 0)[3:11] in WHOLE_DISK_IDS else partition_table(path)
     plan.facts["partition_table"] = table
     if not table or not table.get("partitions"):
         _plan_filesystem(fd, plan, 0, size, "whole disk")
