@@ -188,6 +188,10 @@ class Content:
         body = b"".join(self.rng.choices(self.pools[kind], k=int(size / self.avg[kind]) + 2))
         return (header + body)[:size]
 
+    def of(self, kind: str, size: int) -> bytes:
+        """A file of ``kind`` (random, log, csv, rec)."""
+        return self.random(size) if kind == "random" else self.compressible(kind, size)
+
 
 def _sizes(rng: random.Random, total: int) -> list[int]:
     """File sizes, log-uniform in [64 KiB, 32 MiB], summing to ``total``."""
@@ -202,17 +206,46 @@ def _sizes(rng: random.Random, total: int) -> list[int]:
     return sizes
 
 
+def plan_files(rng: random.Random) -> list[tuple[str, int, bool]]:
+    """(kind, size, removed later) of the bench disk's files, the ones removed later
+    interleaved with the kept ones."""
+    plan: list[tuple[str, int, bool]] = []
+    plan += [("random", size, False) for size in _sizes(rng, RANDOM_BYTES)]
+    kinds = ["log", "csv", "rec"]
+    plan += [(kinds[i % 3], size, False) for i, size in enumerate(_sizes(rng, TEXT_BYTES))]
+    plan += [("random" if i % 2 == 0 else kinds[i % 3], size, True)
+             for i, size in enumerate(_sizes(rng, DELETED_BYTES))]
+    rng.shuffle(plan)
+    return plan
+
+
 @dataclass
-class Disk:
+class BenchDisk:
+    """What both bench disks count: the files kept, by kind; the used bytes by the file
+    system's own map."""
     path: Path
     tree_bytes: dict[str, int] = field(default_factory=dict)   # kind -> bytes kept
     files: int = 0
+    used_bytes: int = 0
+    build_s: float = 0.0
+
+    def keep(self, kind: str, size: int) -> None:
+        self.files += 1
+        self.tree_bytes[kind] = self.tree_bytes.get(kind, 0) + size
+
+    def kept(self) -> str:
+        tb = self.tree_bytes
+        return (f"{self.files} files kept, {mb(sum(tb.values()))} (random "
+                f"{mb(tb.get('random', 0))}, logs {mb(tb.get('log', 0))}, CSV "
+                f"{mb(tb.get('csv', 0))}, 64-byte records {mb(tb.get('rec', 0))})")
+
+
+@dataclass
+class Disk(BenchDisk):
     deleted_files: int = 0
     deleted_bytes: int = 0
-    used_bytes: int = 0          # ext4 used blocks x block size (dumpe2fs)
-    block_size: int = 0
+    block_size: int = 0          # used_bytes: ext4 used blocks x block size (dumpe2fs)
     samples: list[tuple[str, str]] = field(default_factory=list)  # (path in fs, sha256)
-    build_s: float = 0.0
 
 
 DIRS = {"random": ["media/photos", "media/video", "opt/bundles", "home/ana/archive"],
@@ -229,28 +262,19 @@ def build_disk(workdir: Path) -> Disk:
     tree = workdir / "tree"
     disk = Disk(workdir / "disk.img")
     doomed: list[str] = []
-    plan: list[tuple[str, int, bool]] = []   # (kind, size, deleted later)
-    for size in _sizes(rng, RANDOM_BYTES):
-        plan.append(("random", size, False))
-    kinds = ["log", "csv", "rec"]
-    for i, size in enumerate(_sizes(rng, TEXT_BYTES)):
-        plan.append((kinds[i % 3], size, False))
-    for i, size in enumerate(_sizes(rng, DELETED_BYTES)):
-        plan.append(("random" if i % 2 == 0 else kinds[i % 3], size, True))
-    rng.shuffle(plan)   # deleted files interleaved with kept ones in the same folders
-    for n, (kind, size, deleted) in enumerate(plan):
+    # deleted files interleaved with kept ones in the same folders
+    for n, (kind, size, deleted) in enumerate(plan_files(rng)):
         folder = tree / rng.choice(DIRS[kind])
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{'tmp-' if deleted else ''}{kind}-{n:03d}{EXT[kind]}"
-        data = content.random(size) if kind == "random" else content.compressible(kind, size)
+        data = content.of(kind, size)
         (folder / name).write_bytes(data)
         rel = "/" + str((folder / name).relative_to(tree))
         if deleted:
             doomed.append(rel)
             disk.deleted_bytes += size
         else:
-            disk.files += 1
-            disk.tree_bytes[kind] = disk.tree_bytes.get(kind, 0) + size
+            disk.keep(kind, size)
             if len(disk.samples) < 4 and size > 1 * MiB:
                 disk.samples.append((rel, hashlib.sha256(data).hexdigest()))
     disk.deleted_files = len(doomed)
@@ -452,64 +476,118 @@ def fsync_path(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bench(workdir: Path, runs: int = 3, cold: bool = False,
-          say: Callable[[str], None] = say) -> tuple[list[Row], dict]:
-    """Build the disk, measure; return the rows and facts for the notes."""
-    python = sys.executable
-    zstd, partclone = tool("zstd"), tool("partclone.ext4")
-    say(f"building the 1 GiB ext4 disk in {workdir}")
-    disk = build_disk(workdir)
-    say(f"disk built in {disk.build_s:.1f} s: {mb(disk.used_bytes)} used, "
-        f"{mb(disk.deleted_bytes)} deleted ({disk.deleted_files} files)")
+Stages = list[tuple[str, list[str]]]    # a pipeline, as ``timed`` runs it
 
+
+@dataclass
+class Competitor:
+    """A competitor's capture: its pipeline into ``image``; ``fsync``: the fsync of the
+    image after it is measured too (untimed, for context)."""
+    image: Path
+    stages: Stages
+    fsync: bool = False
+
+
+@dataclass
+class Restore:
+    """A deploy for context that writes its own ``target`` (nothing on stdout): the target
+    truncated before (untimed), the fsync of it after timed with it."""
+    target: Path
+    stages: Stages
+
+
+def zstd_stages(zstd: str, src: str) -> Stages:
+    """``zstd -1 -T2`` of the whole disk (the image ``zstd -d`` deploys)."""
+    return [("zstd", [zstd, "-q", "-1", "-T2", "-c", src])]
+
+
+def partclone_stages(partclone: str, zstd: str, src: str, log: str, f0: bool = False) -> Stages:
+    """``partclone.FS -a0 -c -s disk -o - | zstd -1 -T2``; ``f0``: with ``-f 0``, as
+    partclone's progress thread sleeps its refresh interval (-f, default 2 s) and is
+    joined at exit, so the command without it never ends in < 2 s."""
+    return [("partclone", [partclone, "-a0", *(("-f", "0") if f0 else ()), "-c", "-s", src,
+                           "-o", "-", "-L", log]),
+            ("zstd", [zstd, "-q", "-1", "-T2"])]
+
+
+@dataclass
+class DeployCheck:
+    """How our deployed disk is checked (round 1): by the file system's own checker, and
+    each of ``files`` (name, sha256) read back from it by the command ``cat(disk, name)``."""
+    fsck: str                                   # the checker, as the row names it
+    clean: Callable[[Path], tuple[bool, str]]   # disk -> (clean, its output)
+    how: str                                    # how the files are checked, for the log
+    files: list[tuple[str, str]]
+    cat: Callable[[Path, str], list[str]]
+    same: str                                   # the files' check, as the row names it
+
+    def __call__(self, target: Path, label: str = "",
+                 say: Callable[[str], None] = say) -> dict[str, bool]:
+        say(f"checking our deployed {label}disk: {self.fsck}, {self.how}")
+        ok, out = self.clean(target)
+        if not ok:
+            say(f"{self.fsck} of our deployed {label}disk is not clean:\n{out}")
+        same = True
+        for name, digest in self.files:
+            got = subprocess.run(self.cat(target, name), capture_output=True, check=True).stdout
+            same &= hashlib.sha256(got).hexdigest() == digest
+        return {f"our deploy: {self.fsck} clean (run 1)": ok,
+                f"our deploy: {self.same} (run 1)": same}
+
+
+@dataclass
+class Measured:
+    cap: dict[str, Series]      # "ours" and each competitor
+    dep: dict[str, Series]      # "ours", "zstd" and each restore
+    meta: dict                  # our last image's meta.json
+    cold: bool                  # False if asked for but caches cannot be dropped
+    checks: dict[str, bool]
+
+
+def measure(workdir: Path, disk_path: Path, competitors: dict[str, Competitor],
+            check: DeployCheck, same_size: dict[str, tuple[str, ...]],
+            *, runs: int, cold: bool, fill_seed: int, restores: dict[str, Restore] | None = None,
+            label: str = "", say: Callable[[str], None] = say) -> Measured:
+    """Measure capture and deploy of ``disk_path``, ``runs`` rounds of each.
+
+    A capture round runs ``competitors`` in their order (each image removed first),
+    then ours in a child (a fresh store each run: publish would otherwise delete the
+    last version). A deploy round runs ours onto a target filled with random bytes
+    from ``fill_seed`` (rewritten before every run, untimed; ``check`` checks it in
+    round 1), then ``zstd -d`` of the ``"zstd"`` competitor's image into a truncated
+    target + fsync (round 1: sha256 = the source's), then each of ``restores``. Before
+    every run ``sync`` and, ``cold``, caches dropped; warm, the disk is read once first.
+    ``same_size``: check label -> competitors whose image sizes must all be equal."""
+    python, zstd = sys.executable, tool("zstd")
+    restores = restores or {}
     if cold and not drop_caches():
         say("cannot drop caches (not root?): measuring with a warm cache instead")
         cold = False
     if not cold:
-        read_through(disk.path)   # the whole source in the page cache, for every tool
+        read_through(disk_path)   # the whole source in the page cache, for every tool
 
     def prepare() -> None:
         os.sync()   # no writeback of an earlier run's output during this one
         if cold:
             drop_caches()
 
-    cap = {"ours": Series(), "zstd": Series(), "partclone": Series(), "partclone-f0": Series()}
-    zstd_img, pc_img = workdir / "disk.zst", workdir / "disk.pc.zst"
+    cap = {name: Series() for name in ("ours", *competitors)}
+    store = workdir / "store"
     meta: dict = {}
     for i in range(runs):
-        say(f"capture round {i + 1}/{runs}")
-        # zstd of the whole disk
-        zstd_img.unlink(missing_ok=True)
-        prepare()
-        res = timed([("zstd", [zstd, "-q", "-1", "-T2", "-c", str(disk.path)])], out=zstd_img,
-                    errdir=workdir)
-        cap["zstd"].runs.append(res)
-        cap["zstd"].out_sizes.append(zstd_img.stat().st_size)
-        cap["zstd"].fsync_s.append(fsync_path(zstd_img))
-        # partclone | zstd
-        pc_img.unlink(missing_ok=True)
-        prepare()
-        res = timed([("partclone", [partclone, "-a0", "-c", "-s", str(disk.path), "-o", "-",
-                                    "-L", str(workdir / "partclone.log")]),
-                     ("zstd", [zstd, "-q", "-1", "-T2"])], out=pc_img, errdir=workdir)
-        cap["partclone"].runs.append(res)
-        cap["partclone"].out_sizes.append(pc_img.stat().st_size)
-        cap["partclone"].fsync_s.append(fsync_path(pc_img))
-        # the same with -f 0: partclone's progress thread sleeps its refresh interval
-        # (-f, default 2 s) and is joined at exit, so the command above never ends in < 2 s
-        pc_img.unlink(missing_ok=True)
-        prepare()
-        res = timed([("partclone", [partclone, "-a0", "-f", "0", "-c", "-s", str(disk.path), "-o",
-                                    "-", "-L", str(workdir / "partclone.log")]),
-                     ("zstd", [zstd, "-q", "-1", "-T2"])], out=pc_img, errdir=workdir)
-        cap["partclone-f0"].runs.append(res)
-        cap["partclone-f0"].out_sizes.append(pc_img.stat().st_size)
-        # ours, a fresh store each run (publish would otherwise delete the last version)
-        store = workdir / "store"
+        say(f"{label}capture round {i + 1}/{runs}")
+        for name, comp in competitors.items():
+            comp.image.unlink(missing_ok=True)
+            prepare()
+            res = timed(comp.stages, out=comp.image, errdir=workdir)
+            cap[name].runs.append(res)
+            cap[name].out_sizes.append(comp.image.stat().st_size)
+            if comp.fsync:
+                cap[name].fsync_s.append(fsync_path(comp.image))
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir()
         prepare()
-        res = timed([("ours", [python, "-c", CAPTURE_CHILD, str(disk.path), str(store), "disk",
+        res = timed([("ours", [python, "-c", CAPTURE_CHILD, str(disk_path), str(store), "disk",
                                str(workdir / "capture.json")])],
                     child_json=workdir / "capture.json", errdir=workdir)
         cap["ours"].runs.append(res)
@@ -518,129 +596,180 @@ def bench(workdir: Path, runs: int = 3, cold: bool = False,
         meta = json.loads((vdir / "meta.json").read_text())
 
     # deploys, onto targets on the same file system
-    dep = {"ours": Series(), "zstd": Series()}
+    dep = {name: Series() for name in ("ours", "zstd", *restores)}
     target_ours, target_zstd = workdir / "target-ours.img", workdir / "target-zstd.img"
-    fill_rng = random.Random(SEED + 1)
-    digests = set()
+    fill_rng = random.Random(fill_seed)
+    digests: set[str] = set()
+    verified: dict[str, bool] = {}
+    zstd_ok = False
     for i in range(runs):
-        say(f"deploy round {i + 1}/{runs}")
+        say(f"{label}deploy round {i + 1}/{runs}")
         fill_random(target_ours, fill_rng)
         prepare()
-        res = timed([("ours", [python, "-c", DEPLOY_CHILD, str(workdir / "store"), "disk",
-                               str(target_ours), str(workdir / "deploy.json")])],
+        res = timed([("ours", [python, "-c", DEPLOY_CHILD, str(store), "disk", str(target_ours),
+                               str(workdir / "deploy.json")])],
                     child_json=workdir / "deploy.json", errdir=workdir)
         dep["ours"].runs.append(res)
         digests.add(res.child["result"]["target_sha256"])
         if i == 0:
-            say("checking our deployed disk: e2fsck -fn, sample files")
-            verified = verify_deployed(target_ours, disk)
+            verified = check(target_ours, label, say)
         with open(target_zstd, "wb"):
             pass    # truncated, untimed
         prepare()
-        res = timed([("zstd", [zstd, "-q", "-d", "-c", str(zstd_img)])], out=target_zstd,
-                    fsync_out=True, errdir=workdir)
+        res = timed([("zstd", [zstd, "-q", "-d", "-c", str(competitors["zstd"].image)])],
+                    out=target_zstd, fsync_out=True, errdir=workdir)
         dep["zstd"].runs.append(res)
         if os.stat(target_zstd).st_size != DISK_BYTES:
             raise RuntimeError("zstd -d restored a disk of the wrong size")
         if i == 0:
             say("checking the zstd round trip: sha256 of the restored disk")
-            zstd_ok = sha256_file(target_zstd) == sha256_file(disk.path)
+            zstd_ok = sha256_file(target_zstd) == sha256_file(disk_path)
+        for name, restore in restores.items():
+            with open(restore.target, "wb"):
+                pass    # truncated, untimed
+            prepare()
+            res = timed(restore.stages, errdir=workdir)
+            res.wall_s += fsync_path(restore.target)
+            dep[name].runs.append(res)
+    for restore in restores.values():
+        restore.target.unlink(missing_ok=True)
 
     checks = {
         "our target_sha256 identical over runs": len(digests) == 1,
         "our image size identical over runs": len(set(cap["ours"].out_sizes)) == 1,
-        "partclone+zstd size identical over runs (with -f 0 too)":
-            len(set(cap["partclone"].out_sizes + cap["partclone-f0"].out_sizes)) == 1,
-        "zstd size identical over runs": len(set(cap["zstd"].out_sizes)) == 1,
+        **{text: len({size for name in names for size in cap[name].out_sizes}) == 1
+           for text, names in same_size.items()},
         "zstd -d round trip sha256 = source": zstd_ok,
         **verified,
     }
-    facts = {"disk": disk, "cold": cold, "runs": runs, "meta": meta, "checks": checks}
-    return rows(disk, cap, dep, meta, checks, cold), facts
+    return Measured(cap, dep, meta, cold, checks)
 
 
-def verify_deployed(target: Path, disk: Disk) -> dict[str, bool]:
-    ok, out = e2fsck_clean(target)
-    if not ok:
-        say(f"e2fsck -fn of our deployed disk is not clean:\n{out}")
-    same = True
-    for rel, digest in disk.samples:
-        got = subprocess.run([tool("debugfs"), "-R", f"cat {rel}", str(target)],
-                             capture_output=True, check=True).stdout
-        same &= hashlib.sha256(got).hexdigest() == digest
-    return {"our deploy: e2fsck -fn clean (run 1)": ok,
-            f"our deploy: {len(disk.samples)} sample files byte-identical (run 1)": same}
+def bench(workdir: Path, runs: int = 3, cold: bool = False,
+          say: Callable[[str], None] = say) -> tuple[list[Row], dict]:
+    """Build the disk, measure; return the rows and facts for the notes."""
+    zstd, partclone = tool("zstd"), tool("partclone.ext4")
+    say(f"building the 1 GiB ext4 disk in {workdir}")
+    disk = build_disk(workdir)
+    say(f"disk built in {disk.build_s:.1f} s: {mb(disk.used_bytes)} used, "
+        f"{mb(disk.deleted_bytes)} deleted ({disk.deleted_files} files)")
+    src, log, pc_img = str(disk.path), str(workdir / "partclone.log"), workdir / "disk.pc.zst"
+    m = measure(
+        workdir, disk.path,
+        {"zstd": Competitor(workdir / "disk.zst", zstd_stages(zstd, src), fsync=True),
+         "partclone": Competitor(pc_img, partclone_stages(partclone, zstd, src, log), fsync=True),
+         "partclone-f0": Competitor(pc_img, partclone_stages(partclone, zstd, src, log, f0=True))},
+        DeployCheck("e2fsck -fn", e2fsck_clean, "sample files", disk.samples,
+                    lambda target, rel: [tool("debugfs"), "-R", f"cat {rel}", str(target)],
+                    f"{len(disk.samples)} sample files byte-identical"),
+        {"partclone+zstd size identical over runs (with -f 0 too)": ("partclone", "partclone-f0"),
+         "zstd size identical over runs": ("zstd",)},
+        runs=runs, cold=cold, fill_seed=SEED + 1, say=say)
+    facts = {"disk": disk, "cold": m.cold, "runs": runs, "meta": m.meta, "checks": m.checks}
+    return rows(disk, m.cap, m.dep, m.meta, m.checks, m.cold), facts
+
+
+def plan_of(meta: dict) -> dict:
+    """Our image's plan of the (first) file system: strategy, used and scanned bytes..."""
+    return (meta.get("source", {}).get("filesystems") or [{}])[0]
+
+
+def capture_row(ours: Series, rivals: dict[str, Series], goal: float) -> Row:
+    """Our capture throughput against the faster of ``rivals`` (name -> series)."""
+    best_name, best = min(((name, s.wall) for name, s in rivals.items()), key=lambda x: x[1])
+    ours_call = ours.child("call_s")
+    speedup = best / ours.wall
+    return Row(f"Capture throughput, ours (1 GiB / wall, median of {len(ours.runs)})",
+               f"{rate(ours.wall):.0f} MB/s ({ours.walls()} s, whole `python -c` process); "
+               f"{speedup:.2f}× {best_name}; capture() call alone {rate(ours_call):.0f} MB/s "
+               f"({best / ours_call:.2f}×)",
+               f"≥ {goal}× the faster of {' and '.join(rivals)} "
+               f"(≥ {rate(best) * goal:.0f} MB/s)", speedup >= goal)
+
+
+def unsynced(s: Series) -> str:
+    """A competitor capture's throughput, and the fsync of its output measured after it."""
+    return (f"{rate(s.wall):.0f} MB/s ({s.walls()} s); output not fsync'd (an fsync after it "
+            f"took {statistics.median(s.fsync_s):.2f} s more)")
+
+
+def f0_value(pcf: Series, ours: Series) -> str:
+    """partclone -f 0 + zstd's throughput, and ours relative to it."""
+    return (f"{rate(pcf.wall):.0f} MB/s ({pcf.walls()} s); ours is {pcf.wall / ours.wall:.2f}× "
+            f"(call alone {pcf.wall / ours.child('call_s'):.2f}×)")
+
+
+def image_size_row(ours: Series, pc: Series, goal: float) -> Row:
+    size_ratio = ours.out_sizes[-1] / pc.out_sizes[-1]
+    return Row("Image size, ours (data.zst + index.bin + meta.json)",
+               f"{mb(ours.out_sizes[-1])} = {size_ratio:.3f}× partclone+zstd "
+               f"({mb(pc.out_sizes[-1])})", f"≤ {goal}×", size_ratio <= goal)
+
+
+def deploy_rows(d_ours: Series, d_z: Series, goal: float) -> list[Row]:
+    """Our deploy throughput against ``zstd -d``'s, and zstd -d's."""
+    d_ratio = d_z.wall / d_ours.wall
+    return [
+        Row(f"Deploy throughput, ours (1 GiB / wall, median of {len(d_ours.runs)}, fsync incl.)",
+            f"{rate(d_ours.wall):.0f} MB/s ({d_ours.walls()} s, whole process; deploy() call "
+            f"alone {rate(d_ours.child('call_s')):.0f} MB/s); {d_ratio:.2f}× zstd -d",
+            f"≥ {goal}× zstd -d", d_ratio >= goal),
+        Row("  ↳ `zstd -d -c image > target && sync target`",
+            f"{rate(d_z.wall):.0f} MB/s ({d_z.walls()} s)"),
+    ]
+
+
+def rss_row(ours: Series) -> Row:
+    return Row("Peak RSS of our capture process (max of runs)",
+               mb(ours.maxrss("ours")), f"≤ {mb(RSS_GOAL)}", ours.maxrss("ours") <= RSS_GOAL)
+
+
+def checks_row(checks: dict[str, bool]) -> Row:
+    return Row("Checks", "; ".join(f"{k}: {'yes' if v else '**NO**'}" for k, v in checks.items()),
+               "all yes", all(checks.values()))
 
 
 def rows(disk: Disk, cap: dict[str, Series], dep: dict[str, Series], meta: dict,
          checks: dict[str, bool], cold: bool) -> list[Row]:
-    fs = (meta.get("source", {}).get("filesystems") or [{}])[0]
+    fs = plan_of(meta)
     plan_used = fs.get("used_bytes", 0)
     plan_scan = fs.get("scan_bytes", 0)
     ours, z, pc, pcf = cap["ours"], cap["zstd"], cap["partclone"], cap["partclone-f0"]
-    best_name, best = min((("zstd", z.wall), ("partclone+zstd", pc.wall)), key=lambda x: x[1])
     ours_call = ours.child("call_s")
-    speedup = best / ours.wall
-    size_ratio = ours.out_sizes[-1] / pc.out_sizes[-1]
     d_ours, d_z = dep["ours"], dep["zstd"]
-    d_ratio = d_z.wall / d_ours.wall
-    kept = sum(disk.tree_bytes.values())
-    out = [
+    return [
         Row("Source disk: 1 GiB ext4 file (`mkfs.ext4 -d`), then `debugfs -w -R rm` of "
             f"{disk.deleted_files} files",
-            f"{disk.files} files kept, {mb(kept)} (random {mb(disk.tree_bytes.get('random', 0))}, "
-            f"logs {mb(disk.tree_bytes.get('log', 0))}, CSV {mb(disk.tree_bytes.get('csv', 0))}, "
-            f"64-byte records {mb(disk.tree_bytes.get('rec', 0))}); {mb(disk.deleted_bytes)} "
-            f"deleted (half random); used blocks {mb(disk.used_bytes)}; our plan reads "
-            f"{mb(plan_used)} used + {mb(plan_scan)} scanned; e2fsck -fn clean"),
-        Row(f"Capture throughput, ours (1 GiB / wall, median of {len(ours.runs)})",
-            f"{rate(ours.wall):.0f} MB/s ({ours.walls()} s, whole `python -c` process); "
-            f"{speedup:.2f}× {best_name}; capture() call alone {rate(ours_call):.0f} MB/s "
-            f"({best / ours_call:.2f}×)",
-            f"≥ {CAPTURE_GOAL}× the faster of zstd and partclone+zstd "
-            f"(≥ {rate(best) * CAPTURE_GOAL:.0f} MB/s)", speedup >= CAPTURE_GOAL),
+            f"{disk.kept()}; {mb(disk.deleted_bytes)} deleted (half random); used blocks "
+            f"{mb(disk.used_bytes)}; our plan reads {mb(plan_used)} used + {mb(plan_scan)} "
+            "scanned; e2fsck -fn clean"),
+        capture_row(ours, {"zstd": z, "partclone+zstd": pc}, CAPTURE_GOAL),
         Row("  ↳ ours, used data MB/s (ext4 used blocks / wall)",
             f"{rate(ours.wall, disk.used_bytes):.0f} MB/s (capture() call alone "
             f"{rate(ours_call, disk.used_bytes):.0f} MB/s"
             + (f"; counting the {mb(plan_scan)} the plan scans too, "
                f"{rate(ours_call, plan_used + plan_scan):.0f} MB/s" if plan_scan else "")
             + f"); interpreter start + imports {ours.wall - ours_call:.2f} s of the process"),
-        Row("  ↳ `zstd -1 -T2 -c disk > image`",
-            f"{rate(z.wall):.0f} MB/s ({z.walls()} s); output not fsync'd (an fsync after "
-            f"it took {statistics.median(z.fsync_s):.2f} s more)"),
-        Row("  ↳ `partclone.ext4 -a0 -c -s disk -o - | zstd -1 -T2`",
-            f"{rate(pc.wall):.0f} MB/s ({pc.walls()} s); output not fsync'd (an fsync after it "
-            f"took {statistics.median(pc.fsync_s):.2f} s more)"),
+        Row("  ↳ `zstd -1 -T2 -c disk > image`", unsynced(z)),
+        Row("  ↳ `partclone.ext4 -a0 -c -s disk -o - | zstd -1 -T2`", unsynced(pc)),
         Row("  ↳ `partclone.ext4 -a0 -f 0 …` (the same without partclone's 2 s progress wait "
-            "at exit), for context",
-            f"{rate(pcf.wall):.0f} MB/s ({pcf.walls()} s); ours is {pcf.wall / ours.wall:.2f}× "
-            f"(call alone {pcf.wall / ours_call:.2f}×)"),
+            "at exit), for context", f0_value(pcf, ours)),
         Row("  ↳ CPU time per capture (user+sys, median)",
             f"ours {ours.cpu():.2f} s; zstd {z.cpu():.2f} s; partclone {pc.cpu('partclone'):.2f}"
             f" s + zstd {pc.cpu('zstd'):.2f} s"),
-        Row("Image size, ours (data.zst + index.bin + meta.json)",
-            f"{mb(ours.out_sizes[-1])} = {size_ratio:.3f}× partclone+zstd "
-            f"({mb(pc.out_sizes[-1])})", f"≤ {SIZE_GOAL}×", size_ratio <= SIZE_GOAL),
+        image_size_row(ours, pc, SIZE_GOAL),
         Row("  ↳ `zstd -1` of the whole disk (deleted files' bytes included)",
             f"{mb(z.out_sizes[-1])}"),
-        Row(f"Deploy throughput, ours (1 GiB / wall, median of {len(d_ours.runs)}, fsync incl.)",
-            f"{rate(d_ours.wall):.0f} MB/s ({d_ours.walls()} s, whole process; deploy() call "
-            f"alone {rate(d_ours.child('call_s')):.0f} MB/s); {d_ratio:.2f}× zstd -d",
-            f"≥ {DEPLOY_GOAL}× zstd -d", d_ratio >= DEPLOY_GOAL),
-        Row("  ↳ `zstd -d -c image > target && sync target`",
-            f"{rate(d_z.wall):.0f} MB/s ({d_z.walls()} s)"),
+        *deploy_rows(d_ours, d_z, DEPLOY_GOAL),
         Row("  ↳ CPU time per deploy (user+sys, median)",
             f"ours {d_ours.cpu():.2f} s; zstd -d {d_z.cpu():.2f} s"),
-        Row("Peak RSS of our capture process (max of runs)",
-            mb(ours.maxrss("ours")), f"≤ {mb(RSS_GOAL)}", ours.maxrss("ours") <= RSS_GOAL),
+        rss_row(ours),
         Row("  ↳ peak RSS, others",
             f"zstd -1 -T2 {mb(z.maxrss('zstd'))}; partclone {mb(pc.maxrss('partclone'))} + "
             f"its zstd {mb(pc.maxrss('zstd'))}; our deploy {mb(d_ours.maxrss('ours'))}; "
             f"zstd -d {mb(d_z.maxrss('zstd'))}"),
-        Row("Checks", "; ".join(f"{k}: {'yes' if v else '**NO**'}" for k, v in checks.items()),
-            "all yes", all(checks.values())),
+        checks_row(checks),
     ]
-    return out
 
 
 def notes(facts: dict) -> str:
@@ -679,14 +808,22 @@ INTRO = ("Capture and deploy of 1 GiB disk files, ours side by side with the com
          "other's subsection as it was.")
 
 
-def ext4_subsection(workdir: Path, runs: int, cold: bool, quick: bool) -> str:
+def measured_subsection(heading: str, bench: Callable[..., tuple[list[Row], dict]],
+               notes: Callable[[dict], str], version_line: Callable[[], str],
+               workdir: Path, runs: int, cold: bool, quick: bool) -> str:
+    """A ``### `` subsection: machine and conditions, tool versions, the table of
+    ``bench``'s rows, its notes."""
     conditions = Conditions()
     workdir.mkdir(parents=True, exist_ok=True)
     rws, facts = bench(workdir, runs=runs, cold=cold)
     mode = (f"{runs} runs per tool, " + ("cold cache" if facts["cold"] else "warm cache")
             + (" (quick)" if quick else ""))
-    return "\n".join([EXT4_HEADING, "", *machine_lines(workdir, mode), conditions.line(),
+    return "\n".join([heading, "", *machine_lines(workdir, mode), conditions.line(),
                       f"- Tools: {version_line()}", "", table(rws), "", notes(facts)])
+
+
+def ext4_subsection(workdir: Path, runs: int, cold: bool, quick: bool) -> str:
+    return measured_subsection(EXT4_HEADING, bench, notes, version_line, workdir, runs, cold, quick)
 
 
 def section(workdir: Path, runs: int, cold: bool, quick: bool,
@@ -723,12 +860,23 @@ def merge_section(old: str, new: str) -> str:
     return "\n\n".join([HEADING, INTRO] + [subs[h] for h in order if h in subs])
 
 
+def tool_says(name: str, flag: str = "--version") -> str:
+    """What ``name flag`` prints, stdout and stderr."""
+    out = subprocess.run([tool(name), flag], capture_output=True, text=True)
+    return (out.stdout + out.stderr).strip()
+
+
+def zstd_version() -> str:
+    return run(tool("zstd"), "--version").stdout.strip().split(",")[0].replace("*** ", "")
+
+
+def partclone_version(name: str) -> str:
+    return tool_says(name).splitlines()[0].split("(")[0].strip()
+
+
 def version_line() -> str:
-    zstd = run(tool("zstd"), "--version").stdout.strip().split(",")[0].replace("*** ", "")
-    pc = subprocess.run([tool("partclone.ext4"), "--version"], capture_output=True, text=True)
-    pcv = (pc.stdout + pc.stderr).strip().splitlines()[0].split("(")[0].strip()
-    e2 = subprocess.run([tool("mkfs.ext4"), "-V"], capture_output=True, text=True)
-    e2v = (e2.stdout + e2.stderr).strip().splitlines()[0]
+    e2v = tool_says("mkfs.ext4", "-V").splitlines()[0]
     import zstandard
     libzstd = ".".join(map(str, getattr(zstandard, "ZSTD_VERSION", ())))
-    return f"{zstd}; {pcv}; {e2v}; python-zstandard {zstandard.__version__} (libzstd {libzstd})"
+    return (f"{zstd_version()}; {partclone_version('partclone.ext4')}; {e2v}; "
+            f"python-zstandard {zstandard.__version__} (libzstd {libzstd})")

@@ -1,7 +1,7 @@
 """Imaging, NTFS: capture and deploy of a 1 GiB NTFS disk file with stale data,
 side by side with ``partclone.ntfs | zstd`` and ``ntfsclone --save-image | zstd``
-(issue #16), in one run. The machinery (contents, process timing, series) is
-bench/imaging.py's.
+(issue #16), in one run. The machinery (contents, process timing, the measuring
+rounds of ``measure()``, the shared rows) is bench/imaging.py's.
 
 The disk: a 1 GiB file made with ``mkntfs -F -Q`` (4 KiB clusters), holding
 ~200 MB of random files and ~200 MB of compressible ones (imaging.py's Content:
@@ -27,29 +27,22 @@ Measured, each ``runs`` times (median reported), tools interleaved per round:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import random
 import re
-import shutil
-import statistics
 import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bench.imaging import (CAPTURE_CHILD, DEPLOY_CHILD, DISK_BYTES, EXT, MiB, RSS_GOAL, SEED,
-                           Content, Series, _sizes, drop_caches, fill_random, fsync_path, rate,
-                           read_through, run, say, sha256_file, timed, tool, tree_size)
-from bench.report import Conditions, Row, machine_lines, mb, table
+from bench.imaging import (DISK_BYTES, EXT, SEED, BenchDisk, Competitor, Content, DeployCheck,
+                           Restore, Series, capture_row, checks_row, deploy_rows, f0_value,
+                           image_size_row, measure, measured_subsection, partclone_stages,
+                           partclone_version, plan_files, plan_of, rate, rss_row, run, say, tool,
+                           tool_says, unsynced, zstd_stages, zstd_version)
+from bench.report import Row, mb
 
 HEADING = "### NTFS"
-RANDOM_BYTES = 200 * MiB          # kept, incompressible
-TEXT_BYTES = 200 * MiB            # kept, compressible
-STALE_BYTES = 100 * MiB           # written, then cut to 0 by ntfstruncate (half random)
 
 CAPTURE_GOAL = 1.5     # x the faster of partclone.ntfs+zstd and ntfsclone+zstd
 SIZE_GOAL = 1.02       # x partclone.ntfs+zstd
@@ -57,19 +50,14 @@ DEPLOY_GOAL = 1.0      # x zstd -d
 
 
 @dataclass
-class NtfsDisk:
-    path: Path
-    tree_bytes: dict[str, int] = field(default_factory=dict)   # kind -> bytes kept
-    files: int = 0
+class NtfsDisk(BenchDisk):
     stale_files: int = 0
     stale_bytes: int = 0
-    used_bytes: int = 0          # used clusters x cluster size, as ntfscluster -i counts them
-    cluster_size: int = 0
+    cluster_size: int = 0        # used_bytes: used clusters x cluster size, by ntfscluster -i
     clusters: int = 0
     digests: dict[str, str] = field(default_factory=dict)      # every kept file: name -> sha256
     ntfscp_calls: int = 0
     ntfscp_s: float = 0.0
-    build_s: float = 0.0
 
 
 def build_disk(workdir: Path) -> NtfsDisk:
@@ -77,13 +65,7 @@ def build_disk(workdir: Path) -> NtfsDisk:
     content = Content(SEED + 16)
     rng = content.rng
     disk = NtfsDisk(workdir / "disk-ntfs.img")
-    plan: list[tuple[str, int, bool]] = []   # (kind, size, made stale later)
-    plan += [("random", size, False) for size in _sizes(rng, RANDOM_BYTES)]
-    kinds = ["log", "csv", "rec"]
-    plan += [(kinds[i % 3], size, False) for i, size in enumerate(_sizes(rng, TEXT_BYTES))]
-    plan += [("random" if i % 2 == 0 else kinds[i % 3], size, True)
-             for i, size in enumerate(_sizes(rng, STALE_BYTES))]
-    rng.shuffle(plan)   # stale files' clusters interleaved with kept ones
+    plan = plan_files(rng)   # (kind, size, made stale later), interleaved
     with open(disk.path, "wb") as fh:
         fh.truncate(DISK_BYTES)
     run(tool("mkntfs"), "-F", "-Q", "-q", "-L", "bench", disk.path)
@@ -91,7 +73,7 @@ def build_disk(workdir: Path) -> NtfsDisk:
     stale: list[str] = []
     for n, (kind, size, doomed) in enumerate(plan):
         name = f"{'tmp-' if doomed else ''}{kind}-{n:03d}{EXT[kind]}"
-        data = content.random(size) if kind == "random" else content.compressible(kind, size)
+        data = content.of(kind, size)
         scratch.write_bytes(data)
         t0 = time.monotonic()
         run(ntfscp, disk.path, scratch, name)
@@ -101,8 +83,7 @@ def build_disk(workdir: Path) -> NtfsDisk:
             stale.append(name)
             disk.stale_bytes += size
         else:
-            disk.files += 1
-            disk.tree_bytes[kind] = disk.tree_bytes.get(kind, 0) + size
+            disk.keep(kind, size)
             disk.digests[name] = hashlib.sha256(data).hexdigest()
     scratch.unlink()
     numbers = inodes(disk.path)
@@ -145,209 +126,93 @@ def cluster_info(path: Path) -> tuple[int, int, int]:
 def bench(workdir: Path, runs: int = 3, cold: bool = False,
           say: Callable[[str], None] = say) -> tuple[list[Row], dict]:
     """Build the disk, measure; return the rows and facts for the notes."""
-    python = sys.executable
     zstd, partclone, ntfsclone = tool("zstd"), tool("partclone.ntfs"), tool("ntfsclone")
     say(f"building the 1 GiB NTFS disk in {workdir}")
     disk = build_disk(workdir)
     say(f"NTFS disk built in {disk.build_s:.1f} s ({disk.ntfscp_calls} ntfscp calls, "
         f"{disk.ntfscp_s:.1f} s): {mb(disk.used_bytes)} used, {mb(disk.stale_bytes)} stale "
         f"({disk.stale_files} files)")
-
-    if cold and not drop_caches():
-        say("cannot drop caches (not root?): measuring with a warm cache instead")
-        cold = False
-    if not cold:
-        read_through(disk.path)
-
-    def prepare() -> None:
-        os.sync()
-        if cold:
-            drop_caches()
-
-    src = str(disk.path)
-    log = str(workdir / "partclone.log")
-    competitors = {   # name -> (image, stages)
-        "partclone": (workdir / "disk.pc.zst",
-                      [("partclone", [partclone, "-a0", "-c", "-s", src, "-o", "-", "-L", log]),
-                       ("zstd", [zstd, "-q", "-1", "-T2"])]),
-        "ntfsclone": (workdir / "disk.nc.zst",
-                      [("ntfsclone", [ntfsclone, "--save-image", "-o", "-", src]),
-                       ("zstd", [zstd, "-q", "-1", "-T2"])]),
-        "partclone-f0": (workdir / "disk.pc.zst",
-                         [("partclone", [partclone, "-a0", "-f", "0", "-c", "-s", src, "-o", "-",
-                                         "-L", log]),
-                          ("zstd", [zstd, "-q", "-1", "-T2"])]),
-        "zstd": (workdir / "disk.zst", [("zstd", [zstd, "-q", "-1", "-T2", "-c", src])]),
-    }
-    cap = {name: Series() for name in ("ours", *competitors)}
-    store = workdir / "store"
-    meta: dict = {}
-    for i in range(runs):
-        say(f"NTFS capture round {i + 1}/{runs}")
-        for name, (image, stages) in competitors.items():
-            image.unlink(missing_ok=True)
-            prepare()
-            res = timed(stages, out=image, errdir=workdir)
-            cap[name].runs.append(res)
-            cap[name].out_sizes.append(image.stat().st_size)
-            if name in ("partclone", "ntfsclone"):
-                cap[name].fsync_s.append(fsync_path(image))
-        shutil.rmtree(store, ignore_errors=True)
-        store.mkdir()
-        prepare()
-        res = timed([("ours", [python, "-c", CAPTURE_CHILD, src, str(store), "disk",
-                               str(workdir / "capture.json")])],
-                    child_json=workdir / "capture.json", errdir=workdir)
-        cap["ours"].runs.append(res)
-        vdir = store / "disk" / res.child["result"]["version"]
-        cap["ours"].out_sizes.append(tree_size(vdir))
-        meta = json.loads((vdir / "meta.json").read_text())
-
-    dep = {"ours": Series(), "zstd": Series(), "ntfsclone": Series()}
-    target_ours, target_zstd = workdir / "target-ours.img", workdir / "target-zstd.img"
-    target_nc = workdir / "target-ntfsclone.img"
-    fill_rng = random.Random(SEED + 17)
-    digests, verified = set(), {}
-    for i in range(runs):
-        say(f"NTFS deploy round {i + 1}/{runs}")
-        fill_random(target_ours, fill_rng)
-        prepare()
-        res = timed([("ours", [python, "-c", DEPLOY_CHILD, str(store), "disk", str(target_ours),
-                               str(workdir / "deploy.json")])],
-                    child_json=workdir / "deploy.json", errdir=workdir)
-        dep["ours"].runs.append(res)
-        digests.add(res.child["result"]["target_sha256"])
-        if i == 0:
-            say("checking our deployed NTFS disk: ntfsfix -n, every file by ntfscat")
-            verified = verify_deployed(target_ours, disk)
-        with open(target_zstd, "wb"):
-            pass
-        prepare()
-        res = timed([("zstd", [zstd, "-q", "-d", "-c", str(competitors["zstd"][0])])],
-                    out=target_zstd, fsync_out=True, errdir=workdir)
-        dep["zstd"].runs.append(res)
-        if os.stat(target_zstd).st_size != DISK_BYTES:
-            raise RuntimeError("zstd -d restored a disk of the wrong size")
-        if i == 0:
-            say("checking the zstd round trip: sha256 of the restored disk")
-            zstd_ok = sha256_file(target_zstd) == sha256_file(disk.path)
+    src, log, pc_img = str(disk.path), str(workdir / "partclone.log"), workdir / "disk.pc.zst"
+    nc_img, target_nc = workdir / "disk.nc.zst", workdir / "target-ntfsclone.img"
+    m = measure(
+        workdir, disk.path,
+        {"partclone": Competitor(pc_img, partclone_stages(partclone, zstd, src, log), fsync=True),
+         "ntfsclone": Competitor(nc_img, [("ntfsclone", [ntfsclone, "--save-image", "-o", "-",
+                                                         src]),
+                                          ("zstd", [zstd, "-q", "-1", "-T2"])], fsync=True),
+         "partclone-f0": Competitor(pc_img, partclone_stages(partclone, zstd, src, log, f0=True)),
+         "zstd": Competitor(workdir / "disk.zst", zstd_stages(zstd, src))},
+        DeployCheck("ntfsfix -n", ntfsfix_clean, "every file by ntfscat",
+                    list(disk.digests.items()),
+                    lambda target, name: [tool("ntfscat"), str(target), f"/{name}"],
+                    f"all {len(disk.digests)} files byte-identical by ntfscat"),
+        {"partclone+zstd size identical over runs (with -f 0 too)": ("partclone", "partclone-f0"),
+         "ntfsclone+zstd size identical over runs": ("ntfsclone",)},
+        runs=runs, cold=cold, fill_seed=SEED + 17, label="NTFS ", say=say,
         # context: ntfsclone's own restore (it truncates a file target, writes the used
         # clusters, leaves holes, and syncs before it exits); the fsync after it is timed too
-        with open(target_nc, "wb"):
-            pass
-        prepare()
-        res = timed([("zstd", [zstd, "-q", "-d", "-c", str(competitors["ntfsclone"][0])]),
-                     ("ntfsclone", [ntfsclone, "-q", "--restore-image", "--overwrite",
-                                    str(target_nc), "-"])], errdir=workdir)
-        res.wall_s += fsync_path(target_nc)
-        dep["ntfsclone"].runs.append(res)
-    target_nc.unlink(missing_ok=True)
+        restores={"ntfsclone": Restore(target_nc, [
+            ("zstd", [zstd, "-q", "-d", "-c", str(nc_img)]),
+            ("ntfsclone", [ntfsclone, "-q", "--restore-image", "--overwrite", str(target_nc),
+                           "-"])])})
 
-    fs = (meta.get("source", {}).get("filesystems") or [{}])[0]
+    fs = plan_of(m.meta)
     checks = {
         "our plan is ntfs-bitmap": fs.get("strategy") == "ntfs-bitmap",
         "our free clusters = ntfscluster -i's":
             fs.get("free_clusters") == disk.clusters - disk.used_bytes // disk.cluster_size,
-        "our target_sha256 identical over runs": len(digests) == 1,
-        "our image size identical over runs": len(set(cap["ours"].out_sizes)) == 1,
-        "partclone+zstd size identical over runs (with -f 0 too)":
-            len(set(cap["partclone"].out_sizes + cap["partclone-f0"].out_sizes)) == 1,
-        "ntfsclone+zstd size identical over runs": len(set(cap["ntfsclone"].out_sizes)) == 1,
-        "zstd -d round trip sha256 = source": zstd_ok,
-        **verified,
+        **m.checks,
     }
-    facts = {"disk": disk, "cold": cold, "runs": runs, "meta": meta, "checks": checks}
-    return rows(disk, cap, dep, meta, checks), facts
-
-
-def verify_deployed(target: Path, disk: NtfsDisk) -> dict[str, bool]:
-    ok, out = ntfsfix_clean(target)
-    if not ok:
-        say(f"ntfsfix -n of our deployed NTFS disk is not clean:\n{out}")
-    same = True
-    for name, digest in disk.digests.items():
-        got = subprocess.run([tool("ntfscat"), str(target), f"/{name}"], capture_output=True,
-                             check=True).stdout
-        same &= hashlib.sha256(got).hexdigest() == digest
-    return {"our deploy: ntfsfix -n clean (run 1)": ok,
-            f"our deploy: all {len(disk.digests)} files byte-identical by ntfscat (run 1)": same}
+    facts = {"disk": disk, "cold": m.cold, "runs": runs, "meta": m.meta, "checks": checks}
+    return rows(disk, m.cap, m.dep, m.meta, checks), facts
 
 
 def rows(disk: NtfsDisk, cap: dict[str, Series], dep: dict[str, Series], meta: dict,
          checks: dict[str, bool]) -> list[Row]:
-    fs = (meta.get("source", {}).get("filesystems") or [{}])[0]
+    fs = plan_of(meta)
     plan_used, plan_scan = fs.get("used_bytes", 0), fs.get("scan_bytes", 0)
     ours, pc, nc, pcf, z = (cap[k] for k in ("ours", "partclone", "ntfsclone", "partclone-f0",
                                               "zstd"))
-    best_name, best = min((("partclone+zstd", pc.wall), ("ntfsclone+zstd", nc.wall)),
-                          key=lambda x: x[1])
     ours_call = ours.child("call_s")
-    speedup = best / ours.wall
-    size_ratio = ours.out_sizes[-1] / pc.out_sizes[-1]
     d_ours, d_z, d_nc = dep["ours"], dep["zstd"], dep["ntfsclone"]
-    d_ratio = d_z.wall / d_ours.wall
-    kept = sum(disk.tree_bytes.values())
-    tb = disk.tree_bytes
     return [
         Row("Source disk: 1 GiB NTFS file (`mkntfs -F -Q`, 4 KiB clusters, files put by "
             f"`ntfscp`), then `ntfstruncate` of {disk.stale_files} files to 0",
-            f"{disk.files} files kept, {mb(kept)} (random {mb(tb.get('random', 0))}, logs "
-            f"{mb(tb.get('log', 0))}, CSV {mb(tb.get('csv', 0))}, 64-byte records "
-            f"{mb(tb.get('rec', 0))}); {mb(disk.stale_bytes)} stale (half random); used clusters "
+            f"{disk.kept()}; {mb(disk.stale_bytes)} stale (half random); used clusters "
             f"{mb(disk.used_bytes)} (ntfscluster -i); our plan reads {mb(plan_used)} used + "
             f"{mb(plan_scan)} scanned; ntfsfix -n clean"),
-        Row(f"Capture throughput, ours (1 GiB / wall, median of {len(ours.runs)})",
-            f"{rate(ours.wall):.0f} MB/s ({ours.walls()} s, whole `python -c` process); "
-            f"{speedup:.2f}× {best_name}; capture() call alone {rate(ours_call):.0f} MB/s "
-            f"({best / ours_call:.2f}×)",
-            f"≥ {CAPTURE_GOAL}× the faster of partclone+zstd and ntfsclone+zstd "
-            f"(≥ {rate(best) * CAPTURE_GOAL:.0f} MB/s)", speedup >= CAPTURE_GOAL),
+        capture_row(ours, {"partclone+zstd": pc, "ntfsclone+zstd": nc}, CAPTURE_GOAL),
         Row("  ↳ ours, used data MB/s (NTFS used clusters / wall)",
             f"{rate(ours.wall, disk.used_bytes):.0f} MB/s (capture() call alone "
             f"{rate(ours_call, disk.used_bytes):.0f} MB/s); interpreter start + imports "
             f"{ours.wall - ours_call:.2f} s of the process"),
-        Row("  ↳ `partclone.ntfs -a0 -c -s disk -o - | zstd -1 -T2`",
-            f"{rate(pc.wall):.0f} MB/s ({pc.walls()} s); output not fsync'd (an fsync after it "
-            f"took {statistics.median(pc.fsync_s):.2f} s more)"),
-        Row("  ↳ `ntfsclone --save-image -o - disk | zstd -1 -T2`",
-            f"{rate(nc.wall):.0f} MB/s ({nc.walls()} s); output not fsync'd (an fsync after it "
-            f"took {statistics.median(nc.fsync_s):.2f} s more)"),
+        Row("  ↳ `partclone.ntfs -a0 -c -s disk -o - | zstd -1 -T2`", unsynced(pc)),
+        Row("  ↳ `ntfsclone --save-image -o - disk | zstd -1 -T2`", unsynced(nc)),
         Row("  ↳ `partclone.ntfs -a0 -f 0 …` (without partclone's 2 s progress wait at exit), "
-            "for context",
-            f"{rate(pcf.wall):.0f} MB/s ({pcf.walls()} s); ours is {pcf.wall / ours.wall:.2f}× "
-            f"(call alone {pcf.wall / ours_call:.2f}×)"),
+            "for context", f0_value(pcf, ours)),
         Row("  ↳ `zstd -1 -T2 -c disk > image` (whole disk; the image `zstd -d` deploys), "
             "for context", f"{rate(z.wall):.0f} MB/s ({z.walls()} s)"),
         Row("  ↳ CPU time per capture (user+sys, median)",
             f"ours {ours.cpu():.2f} s; partclone {pc.cpu('partclone'):.2f} s + zstd "
             f"{pc.cpu('zstd'):.2f} s; ntfsclone {nc.cpu('ntfsclone'):.2f} s + zstd "
             f"{nc.cpu('zstd'):.2f} s; zstd alone {z.cpu():.2f} s"),
-        Row("Image size, ours (data.zst + index.bin + meta.json)",
-            f"{mb(ours.out_sizes[-1])} = {size_ratio:.3f}× partclone+zstd "
-            f"({mb(pc.out_sizes[-1])})", f"≤ {SIZE_GOAL}×", size_ratio <= SIZE_GOAL),
+        image_size_row(ours, pc, SIZE_GOAL),
         Row("  ↳ others", f"ntfsclone+zstd {mb(nc.out_sizes[-1])} (ours "
             f"{ours.out_sizes[-1] / nc.out_sizes[-1]:.3f}×); `zstd -1` of the whole disk (stale "
             f"bytes included) {mb(z.out_sizes[-1])}"),
-        Row(f"Deploy throughput, ours (1 GiB / wall, median of {len(d_ours.runs)}, fsync incl.)",
-            f"{rate(d_ours.wall):.0f} MB/s ({d_ours.walls()} s, whole process; deploy() call "
-            f"alone {rate(d_ours.child('call_s')):.0f} MB/s); {d_ratio:.2f}× zstd -d",
-            f"≥ {DEPLOY_GOAL}× zstd -d", d_ratio >= DEPLOY_GOAL),
-        Row("  ↳ `zstd -d -c image > target && sync target`",
-            f"{rate(d_z.wall):.0f} MB/s ({d_z.walls()} s)"),
+        *deploy_rows(d_ours, d_z, DEPLOY_GOAL),
         Row("  ↳ `zstd -d -c image | ntfsclone --restore-image --overwrite target -` + fsync "
-            "(a sparse file), for context", f"{rate(d_nc.wall):.0f} MB/s ({d_nc.walls()} s); ours is "
-            f"{d_nc.wall / d_ours.wall:.2f}×"),
+            "(a sparse file), for context", f"{rate(d_nc.wall):.0f} MB/s ({d_nc.walls()} s); "
+            f"ours is {d_nc.wall / d_ours.wall:.2f}×"),
         Row("  ↳ CPU time per deploy (user+sys, median)",
             f"ours {d_ours.cpu():.2f} s; zstd -d {d_z.cpu():.2f} s; zstd -d + ntfsclone "
             f"{d_nc.cpu():.2f} s"),
-        Row("Peak RSS of our capture process (max of runs)",
-            mb(ours.maxrss("ours")), f"≤ {mb(RSS_GOAL)}", ours.maxrss("ours") <= RSS_GOAL),
+        rss_row(ours),
         Row("  ↳ peak RSS, others",
             f"partclone {mb(pc.maxrss('partclone'))} + its zstd {mb(pc.maxrss('zstd'))}; "
             f"ntfsclone {mb(nc.maxrss('ntfsclone'))} + its zstd {mb(nc.maxrss('zstd'))}; our "
             f"deploy {mb(d_ours.maxrss('ours'))}; zstd -d {mb(d_z.maxrss('zstd'))}"),
-        Row("Checks", "; ".join(f"{k}: {'yes' if v else '**NO**'}" for k, v in checks.items()),
-            "all yes", all(checks.values())),
+        checks_row(checks),
     ]
 
 
@@ -375,20 +240,10 @@ writes the used clusters, leaves holes for the free ones, and syncs before it ex
 
 
 def subsection(workdir: Path, runs: int, cold: bool, quick: bool) -> str:
-    conditions = Conditions()
-    workdir.mkdir(parents=True, exist_ok=True)
-    rws, facts = bench(workdir, runs=runs, cold=cold)
-    mode = (f"{runs} runs per tool, " + ("cold cache" if facts["cold"] else "warm cache")
-            + (" (quick)" if quick else ""))
-    return "\n".join([HEADING, "", *machine_lines(workdir, mode), conditions.line(),
-                      f"- Tools: {version_line()}", "", table(rws), "", notes(facts)])
+    return measured_subsection(HEADING, bench, notes, version_line, workdir, runs, cold, quick)
 
 
 def version_line() -> str:
-    zstd = run(tool("zstd"), "--version").stdout.strip().split(",")[0].replace("*** ", "")
-    pc = subprocess.run([tool("partclone.ntfs"), "--version"], capture_output=True, text=True)
-    pcv = (pc.stdout + pc.stderr).strip().splitlines()[0].split("(")[0].strip()
-    nc = subprocess.run([tool("ntfsclone"), "--version"], capture_output=True, text=True)
-    ncv = next((line.strip() for line in (nc.stdout + nc.stderr).splitlines()
+    ncv = next((line.strip() for line in tool_says("ntfsclone").splitlines()
                 if "ntfsclone" in line), "ntfsclone ?")
-    return f"{zstd}; partclone.ntfs {pcv}; {ncv}"
+    return f"{zstd_version()}; partclone.ntfs {partclone_version('partclone.ntfs')}; {ncv}"
