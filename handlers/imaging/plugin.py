@@ -1,7 +1,9 @@
 """The four imaging task types (PROTOCOL.md §4), as an ordinary handler plugin.
 
 CreateImage / CreateBackupImage: ``source`` (block device or disk file),
-``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``.
+``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``;
+DeployImage also one stream to many (multicast.py: ``multicast=true`` on each
+receiver, ``targets`` on the sender).
 Capture images go only with DeployImage, backup images only with
 RestoreBackupImage. Needs ``[handlers] image_store``: a folder, or an
 http(s) URL of a web server that serves files and takes PUT (httpstore.py).
@@ -16,6 +18,7 @@ import shutil
 from agent.plugin import (BadParameters, CheckResult, DoctorCheck, Param, TaskFailed, TaskType,
                           hookimpl)
 
+from handlers.imaging import multicast
 from handlers.imaging.store import ImageError, check_name, is_url, open_store
 from handlers.shared.checks import configured_folder
 
@@ -28,6 +31,8 @@ SOURCE = Param("source", required=True, type="path",
                description="the disk read: a block device or a disk file")
 TARGET = Param("target", required=True, type="path",
                description="the disk written: a block device or a disk file")
+DEPLOY_TARGET = Param("target", type="path", description="the disk written: a block device or "
+                      "a disk file (required, but for a multicast sender, which has 'targets')")
 
 
 @hookimpl
@@ -37,7 +42,7 @@ def dsagent_task_types(register):
     register(TaskType("CreateBackupImage", DEFAULT_TIMEOUT_S, "back up a disk into the image store",
                       parameters=(SOURCE, IMAGE)))
     register(TaskType("DeployImage", DEFAULT_TIMEOUT_S, "write a capture image onto a disk",
-                      parameters=(IMAGE, TARGET)))
+                      parameters=(IMAGE, DEPLOY_TARGET, *multicast.PARAMS)))
     register(TaskType("RestoreBackupImage", DEFAULT_TIMEOUT_S, "write a backup image onto a disk",
                       parameters=(IMAGE, TARGET)))
 
@@ -59,6 +64,8 @@ def dsagent_validate_task(task, config):
         check_name(task.parameters["image"])  # the store's rule; the rest is checked by the core
     except ImageError as exc:
         raise BadParameters(str(exc)) from None
+    if task.type == "DeployImage":
+        multicast.validate(task.parameters)   # target / targets / multicast together
 
 
 @hookimpl
@@ -79,6 +86,8 @@ def dsagent_run_task(task, ctx):
         if task.type in CREATE:
             details = capture(params["source"], store, params["image"], CREATE[task.type],
                               report, ctx.cancelled)
+        elif task.type == "DeployImage" and multicast.role(params):
+            details = multicast.run(store, params, report, ctx.cancelled)
         else:
             details = deploy(store, params["image"], WRITE[task.type], params["target"],
                              report, ctx.cancelled)
