@@ -1,5 +1,5 @@
-"""``python -m bench [chain|imaging|pxe|deployment|replication|fleet|all] [--quick]``: measure,
-print a table.
+"""``python -m bench [chain|imaging|pxe|deployment|replication|multicast|fleet|all]
+[--quick]``: measure, print a table.
 
 ``chain`` (the default) measures the real chain on loopback; ``imaging``
 (also ``--only imaging``) measures disk capture/deploy of an ext4 disk against
@@ -17,12 +17,15 @@ so not part of ``all``); ``replication`` ReplicatePackage of a 1 GiB image and a
 driver package from nginx on loopback vs ``curl`` of the same files, then
 re-replication after one changed file and with nothing changed
 (bench/replication.py; nginx and curl; about a minute, 10 s with ``--quick``);
+``multicast`` DeployImage to 4 receivers over multicast (udpcast) against one
+over HTTP, between network namespaces (bench/multicast.py; root, udpcast;
+a few minutes, 30 s with ``--quick``);
 ``all`` (also ``--all``) runs all but ``fleet``.
 
 Progress goes to stderr; the Markdown tables go to stdout and to
 ``bench/results.md``: the chain section first, then a ``## Imaging`` section,
 then a ``## PXE site server`` section, then ``## Initial deployment``, then
-``## Fleet``, then ``## Replication``. A run
+``## Fleet``, then ``## Replication``, then ``## Multicast``. A run
 replaces the section(s) it measured and keeps the others as they were. Nothing
 is asserted.
 """
@@ -41,6 +44,7 @@ from bench import deployment as deployment_bench
 from bench import fleet as fleet_bench
 from bench import imaging as imaging_bench
 from bench import micro
+from bench import multicast as multicast_bench
 from bench import pxe as pxe_bench
 from bench import replication as replication_bench
 from bench.report import (Conditions, Row, cpu_row, machine_lines, mb, ms, percentile,
@@ -207,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?",
                         choices=("chain", "imaging", "pxe", "deployment", "replication",
-                                 "fleet", "all"),
+                                 "multicast", "fleet", "all"),
                         help="what to measure (default: chain)")
     parser.add_argument("--only", choices=("chain", "imaging", "pxe", "deployment",
-                                           "replication", "fleet"),
+                                           "replication", "multicast", "fleet"),
                         help="same as SUITE")
     parser.add_argument("--all", action="store_true", help="same as SUITE=all")
     parser.add_argument("--quick", action="store_true",
@@ -267,13 +271,19 @@ def main(argv: list[str] | None = None) -> int:
         except replication_bench.Unavailable as exc:
             parser.exit(2, f"python -m bench: error: {exc}\n")
         unwind_on_sigterm()             # nginx stops on the way out
+    if suite in ("multicast", "all"):
+        try:
+            multicast_bench.check()     # root, iproute2, udpcast, e2fsprogs
+        except multicast_bench.Unavailable as exc:
+            parser.exit(2, f"python -m bench: error: {exc}\n")
+        unwind_on_sigterm()             # the lab's namespaces go on the way out
     if suite == "fleet":
         unwind_on_sigterm()             # the server and shard processes stop on the way out
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dsagent-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     chain_text = imaging_text = pxe_text = deployment_text = fleet_text = None
-    replication_text = None
+    replication_text = multicast_text = None
     try:
         if suite in ("chain", "all"):
             chain_text = run_chain(args, workdir, n_tickles, n_tasks, timeout)
@@ -289,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         if suite in ("replication", "all"):
             replication_text = replication_bench.section(workdir / "replication", args.quick,
                                                          args.runs)
+        if suite in ("multicast", "all"):
+            multicast_text = multicast_bench.section(workdir / "multicast", args.quick, args.runs)
         if suite == "fleet":
             fleet_text = fleet_bench.section(workdir, args.quick, args.agents, args.shards,
                                              args.seed, args.server, args.workers)
@@ -299,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {workdir}")
     out = Path(args.out)
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    # these two first: merge_results's PXE cut takes everything after the PXE heading
+    # these first: merge_results's PXE cut takes everything after the PXE heading
+    old, old_multicast = split_section(old, multicast_bench.HEADING)
     old, old_replication = split_section(old, replication_bench.HEADING)
     old, old_fleet = split_section(old, fleet_bench.HEADING)
     old, old_deployment = split_section(old, deployment_bench.HEADING)
     print("\n\n".join(t for t in (chain_text, imaging_text, pxe_text, deployment_text,
-                                  fleet_text, replication_text) if t))
+                                  fleet_text, replication_text, multicast_text) if t))
     if imaging_text is not None and args.fs:    # the other file system's table as it was
         imaging_text = imaging_bench.merge_section(split_section(old, IMAGING_HEADING)[1],
                                                    imaging_text)
@@ -313,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         deployment_text if deployment_text is not None else old_deployment)
     text = deployment_bench.join_section(
         text, fleet_text if fleet_text is not None else old_fleet)
+    text = deployment_bench.join_section(
+        text, replication_text if replication_text is not None else old_replication)
     out.write_text(deployment_bench.join_section(
-        text, replication_text if replication_text is not None else old_replication),
-        encoding="utf-8")
+        text, multicast_text if multicast_text is not None else old_multicast), encoding="utf-8")
     say(f"done in {time.monotonic() - began:.0f} s; written to {args.out}")
     return 0
 

@@ -243,7 +243,23 @@ def proxy_args(root: Path | str, run: Path | str, address: str = "198.18.0.1",
                         Path(root), Path(run) / "hosts")[1:]
 
 
-class Lab:
+class Opened:
+    """A lab as a context manager: ``open()`` on entering (``close()`` if it fails
+    halfway, so nothing is left behind), ``close()`` on leaving."""
+
+    def __enter__(self):
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Lab(Opened):
     """A namespace with ``br0`` = ``198.18.<subnet>.1/24``; a context manager.
 
     Everything made through it (children, namespaces) goes in ``close()``.
@@ -270,17 +286,6 @@ class Lab:
         self._boots = itertools.count()
 
     # -- life cycle
-    def __enter__(self) -> Lab:
-        try:
-            self.open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def open(self) -> None:
         if os.geteuid() != 0:
             raise LabError("the PXE lab needs root (network namespaces, taps)")

@@ -224,7 +224,9 @@ def test_handlers_lists_each_types_parameters(tmp_path):
     assert listed["UpdateSBSInfo"][1].startswith("payload (required, text, may be empty): ")
     assert listed["UpdateSBSInfo"][2].startswith("confirm_s (optional, number): ")
     assert [p.split()[0] for p in listed["BootWizRebuild"]] == ["config", "base", "drivers"]
-    assert [p.split()[0] for p in listed["DeployImage"]] == ["image", "target", "grow"]
+    assert [p.split()[0] for p in listed["DeployImage"]] == [
+        "image", "target", "grow", "targets", "multicast", "multicast_port",
+        "multicast_interface", "multicast_wait_s"]
     assert listed["Example.Sleep"] == ["seconds (required, number)"]
     assert listed["Example.Crash"] == ["no parameters"]
     assert listed["Old.Style"] == ["parameters checked by the handler"]

@@ -3,7 +3,9 @@
 CreateImage / CreateBackupImage: ``source`` (block device or disk file),
 ``image`` (name). DeployImage / RestoreBackupImage: ``image``, ``target``,
 optional ``grow`` (``true``|``false``: fill a larger target with the last
-partition and its file system, deploy.py and grow.py).
+partition and its file system, deploy.py and grow.py); DeployImage also one
+stream to many (multicast.py: ``multicast=true`` on each receiver,
+``targets`` on the sender).
 Capture images go only with DeployImage, backup images only with
 RestoreBackupImage. Needs ``[handlers] image_store``: a folder, or an
 http(s) URL of a web server that serves files and takes PUT (httpstore.py).
@@ -18,6 +20,7 @@ import shutil
 from agent.plugin import (BadParameters, CheckResult, DoctorCheck, Param, TaskFailed, TaskType,
                           hookimpl)
 
+from handlers.imaging import multicast
 from handlers.imaging.store import ImageError, check_name, is_url, open_store
 from handlers.shared.checks import configured_folder
 
@@ -33,6 +36,8 @@ TARGET = Param("target", required=True, type="path",
 GROW = Param("grow", pattern="true|false",
              description="true: on a larger target, grow the last partition and its file "
                          "system (ext4, NTFS) to fill it (default false)")
+DEPLOY_TARGET = Param("target", type="path", description="the disk written: a block device or "
+                      "a disk file (required, but for a multicast sender, which has 'targets')")
 
 
 @hookimpl
@@ -42,7 +47,7 @@ def dsagent_task_types(register):
     register(TaskType("CreateBackupImage", DEFAULT_TIMEOUT_S, "back up a disk into the image store",
                       parameters=(SOURCE, IMAGE)))
     register(TaskType("DeployImage", DEFAULT_TIMEOUT_S, "write a capture image onto a disk",
-                      parameters=(IMAGE, TARGET, GROW)))
+                      parameters=(IMAGE, DEPLOY_TARGET, GROW, *multicast.PARAMS)))
     register(TaskType("RestoreBackupImage", DEFAULT_TIMEOUT_S, "write a backup image onto a disk",
                       parameters=(IMAGE, TARGET, GROW)))
 
@@ -64,6 +69,8 @@ def dsagent_validate_task(task, config):
         check_name(task.parameters["image"])  # the store's rule; the rest is checked by the core
     except ImageError as exc:
         raise BadParameters(str(exc)) from None
+    if task.type == "DeployImage":
+        multicast.validate(task.parameters)   # target / targets / multicast together
 
 
 @hookimpl
@@ -84,6 +91,8 @@ def dsagent_run_task(task, ctx):
         if task.type in CREATE:
             details = capture(params["source"], store, params["image"], CREATE[task.type],
                               report, ctx.cancelled)
+        elif task.type == "DeployImage" and multicast.role(params):
+            details = multicast.run(store, params, report, ctx.cancelled)
         else:
             details = deploy(store, params["image"], WRITE[task.type], params["target"],
                              report, ctx.cancelled, grow=params.get("grow") == "true")
