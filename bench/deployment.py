@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -188,16 +187,8 @@ def build_disk(workdir: Path) -> DiskFacts:
     if not ok:
         raise RuntimeError(f"e2fsck -fn of the bench disk is not clean:\n{out}")
     return DiskFacts(path, len(plan), sum(s for _, s in plan),
-                     sum(s for k, s in plan if k != "random"), sha256_file(path),
+                     sum(s for k, s in plan if k != "random"), imaging_bench.sha256_file(path),
                      time.monotonic() - started)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Plugin:

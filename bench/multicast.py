@@ -30,7 +30,6 @@ udpcast, e2fsprogs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import resource
 import shutil
@@ -121,14 +120,6 @@ def build_disk(workdir: Path, size: int) -> Path:
                    check=True, capture_output=True)
     shutil.rmtree(tree)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Bench:
@@ -244,7 +235,7 @@ def measure(workdir: Path, quick: bool, runs: int) -> Result:
     images = workdir / "images"
     images.mkdir()
     made = capture(str(disk), ImageStore(images), "golden", "capture", lambda *a, **k: None)
-    result = Result(size, made["compressed_size"], sha256_file(disk))
+    result = Result(size, made["compressed_size"], imaging_bench.sha256_file(disk))
     disk.unlink()
     say(f"image: {made['compressed_size'] / MiB:.0f} MiB of frames; the lab")
     disks, made_here = target_folder(workdir, size)

@@ -65,7 +65,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import psutil
 
@@ -243,7 +242,7 @@ def mac_for(tag: int, run: int, n: int) -> str:
     return f"02:{tag:02x}:{run:02x}:{(n >> 16) & 255:02x}:{(n >> 8) & 255:02x}:{n & 255:02x}"
 
 
-class Bench:
+class Bench(pxelab.Opened):
     """Three PXE site servers and one task server in a pxelab.Lab; a context manager
     whose exit stops the agents (waited for), the server, and then the lab."""
 
@@ -256,7 +255,7 @@ class Bench:
         self.predefined = 0               # computers on the predefined list
 
     # -- life cycle (the calling thread is inside the namespace)
-    def start(self) -> None:
+    def open(self) -> None:
         lab = self.lab
         for index, subnet in enumerate(SUBNETS):
             bridge, address = f"br{index}", f"198.18.{subnet}.1"
@@ -326,17 +325,6 @@ class Bench:
             self.server_chain.store.close()
         for site in self.sites:     # the hosts files dnsmasq read (outside the state dir)
             shutil.rmtree(run_dir_for(site.state_dir), ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- the measurements
     def propagate(self, n: int, tag: int, run: int) -> PropagationRun:

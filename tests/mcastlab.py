@@ -24,7 +24,6 @@ import itertools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
@@ -41,12 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 _seq = itertools.count()
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([pxelab.need("ip"), *args], capture_output=True, text=True, timeout=30)
-    if check and done.returncode:
-        raise pxelab.LabError(f"ip {' '.join(args)} exited {done.returncode}: "
-                              f"{done.stderr.strip()}")
-    return done
+ip = pxelab.ip
 
 
 @dataclass
@@ -132,12 +126,7 @@ class McastLab(pxelab.Opened):
 
     def close(self) -> None:
         for name in reversed(self._namespaces):
-            for pid in ip("netns", "pids", name, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ValueError, OSError):
-                    pass
-            ip("netns", "delete", name, check=False)
+            pxelab.delete_namespace(name)
         self._namespaces.clear()
 
 

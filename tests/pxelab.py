@@ -193,12 +193,23 @@ class Boot:
     exited_after: float | None = None
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run([need("ip"), *args], capture_output=True, text=True, timeout=30,
                           check=False)
     if check and done.returncode:
         raise LabError(f"ip {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
     return done
+
+
+def delete_namespace(name: str) -> None:
+    """Kill what still runs in namespace ``name`` (lab processes by construction),
+    then delete it. Never raises."""
+    for pid in ip("netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ValueError, OSError):
+            pass
+    ip("netns", "delete", name, check=False)
 
 
 def remove_stale() -> list[str]:
@@ -210,18 +221,13 @@ def remove_stale() -> list[str]:
         if m and path.is_dir() and not Path(f"/proc/{m.group(1)}").exists():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
-    for line in _ip("netns", "list").stdout.splitlines():
+    for line in ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(rf"{PREFIX}-(\d+)-\d+(-[a-z]+)?", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             # what the dead run left running in it (a dnsmasq that dropped
             # privileges loses PR_SET_PDEATHSIG): lab processes by construction
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ValueError, OSError):
-                    pass
-            _ip("netns", "delete", name, check=False)
+            delete_namespace(name)
             removed.append(name)
     return removed
 
@@ -306,16 +312,16 @@ class Lab(Opened):
             except Exception:
                 pass
         for name in reversed(self._namespaces):
-            _ip("netns", "delete", name, check=False)
+            ip("netns", "delete", name, check=False)
         self._namespaces.clear()
         for path in self._dirs:
             shutil.rmtree(path, ignore_errors=True)
         self._dirs.clear()
 
     def _add_namespace(self, name: str) -> None:
-        _ip("netns", "add", name)
+        ip("netns", "add", name)
         self._namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", name, "link", "set", "lo", "up")
 
     def public_dir(self, name: str) -> Path:
         """A new folder dnsmasq can read once it dropped privileges (to
@@ -332,7 +338,7 @@ class Lab(Opened):
     # -- commands inside the namespace
     def ip(self, *args: str) -> str:
         """``ip -n NS args``; its stdout (LabError if it fails)."""
-        return _ip("-n", self.ns, *args).stdout
+        return ip("-n", self.ns, *args).stdout
 
     def run(self, argv: list[str], name: str = "", ns: str | None = None, **popen) -> Child:
         """``argv`` inside the namespace (``ip netns exec``, which execs: the
@@ -388,7 +394,7 @@ class Lab(Opened):
         in its own namespace joined to br0 by a veth; started once."""
         if self.site is None:
             self.join(self.site_ns, self.site_address)
-            _ip("-n", self.site_ns, "addr", "add", "fd18::2/64", "dev", "eth0", "nodad")
+            ip("-n", self.site_ns, "addr", "add", "fd18::2/64", "dev", "eth0", "nodad")
             base = self.network.rsplit(".", 1)[0]
             self.site = self.dnsmasq(
                 ["--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--bind-interfaces",
@@ -407,7 +413,7 @@ class Lab(Opened):
         self.ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
         self.ip("link", "set", outside, "master", self.bridge, "up")
         for args in (("addr", "add", f"{address}/24", "dev", "eth0"), ("link", "set", "eth0", "up")):
-            _ip("-n", ns, *args)
+            ip("-n", ns, *args)
         return ns
 
     def add_tap(self) -> str:
