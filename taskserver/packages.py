@@ -319,32 +319,41 @@ class PackageStore:
         holders = self.store._read(
             "SELECT h.*, t.terminal_state FROM package_holders h LEFT JOIN tasks t ON "
             "t.task_id = h.task_id ORDER BY h.package_id, h.client_id")
+        # each holder's last replication status, in one query (not one per holder)
+        last = {row["task_id"]: dict(row) for row in self.store._read(
+            "SELECT task_id, state, progress, message FROM (SELECT e.task_id, e.state, "
+            "e.progress, e.message, ROW_NUMBER() OVER (PARTITION BY e.task_id ORDER BY e.seq "
+            "DESC, e.received_at DESC, e.rowid DESC) AS n FROM events e JOIN package_holders "
+            "h ON h.task_id = e.task_id) latest WHERE n = 1")}
+        sources = {p["package_id"]: p["manifest_sha256"] for p in packages}
         by_package: dict[str, list[dict]] = {}
         for row in holders:
             holder = dict(row)
-            holder["state"], holder["detail"] = self._holder_state(holder, packages)
+            holder["state"], holder["detail"] = _holder_state(
+                holder, sources[row["package_id"]], last.get(row["task_id"]))
             by_package.setdefault(row["package_id"], []).append(holder)
         for package in packages:
             package["holders"] = by_package.get(package["package_id"], [])
         return packages
 
-    def _holder_state(self, holder: dict, packages: list[dict]) -> tuple[str, str]:
-        source = next(p for p in packages if p["package_id"] == holder["package_id"])
-        last = self.store.events(holder["task_id"])[-1:] if holder["task_id"] else []
-        if holder["task_id"] and holder["terminal_state"] is None:
-            if not last:
-                return "queued", f"task {holder['task_id']}"
-            progress = last[0].get("progress")
-            return "replicating", (f"{progress:.0f}%" if progress is not None else
-                                   last[0]["state"])
-        if holder["terminal_state"] in ("failed", "cancelled") and last:
-            return holder["terminal_state"], last[0].get("message") or ""
-        if holder["held_sha256"] is None:
-            return "never replicated", ""
-        if holder["held_sha256"] == GONE:
-            return ("deleted" if source["manifest_sha256"] == GONE else "missing",
-                    f"at {holder['replicated_at']}")
-        if holder["held_sha256"] == source["manifest_sha256"]:
-            return "replicated", f"manifest {holder['held_sha256'][:12]} at " \
-                                 f"{holder['replicated_at']}"
-        return "outdated", f"has manifest {holder['held_sha256'][:12]}"
+
+
+def _holder_state(holder: dict, source_sha256: str | None,
+                  last: dict | None) -> tuple[str, str]:
+    """(state, detail) of one holder: ``last`` is its replication's last status."""
+    if holder["task_id"] and holder["terminal_state"] is None:
+        if last is None:
+            return "queued", f"task {holder['task_id']}"
+        progress = last["progress"]
+        return "replicating", f"{progress:.0f}%" if progress is not None else last["state"]
+    if holder["terminal_state"] in ("failed", "cancelled") and last is not None:
+        return holder["terminal_state"], last["message"] or ""
+    if holder["held_sha256"] is None:
+        return "never replicated", ""
+    if holder["held_sha256"] == GONE:
+        return ("deleted" if source_sha256 == GONE else "missing",
+                f"at {holder['replicated_at']}")
+    if holder["held_sha256"] == source_sha256:
+        return "replicated", f"manifest {holder['held_sha256'][:12]} at " \
+                             f"{holder['replicated_at']}"
+    return "outdated", f"has manifest {holder['held_sha256'][:12]}"

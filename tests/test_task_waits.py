@@ -134,8 +134,14 @@ def test_a_changed_source_queues_one_replication_per_holder(clients, source):
     queued, errors = packages.check()
     assert errors == {} and sorted(q.client_id for q in queued) == ["site-a", "site-b"]
     assert packages.check()[0] == []            # pending: not queued twice
-    for q in queued:
-        finish(store, q.client_id, q.task_id, manifest_sha256=digest)
+    assert {h["state"] for h in packages.packages()[0]["holders"]} == {"queued"}
+    first, second = queued                      # site-a, site-b
+    store.record_events("site-a", [event(first.task_id, 1, "received"),
+                                   {**event(first.task_id, 2, "progress"), "progress": 40.0}])
+    states = {h["client_id"]: (h["state"], h["detail"]) for h in packages.packages()[0]["holders"]}
+    assert states["site-a"] == ("replicating", "40%")
+    store.record_events("site-a", [event(first.task_id, 3, "succeeded", manifest_sha256=digest)])
+    finish(store, second.client_id, second.task_id, manifest_sha256=digest)
     states = {h["client_id"]: h["state"] for h in packages.packages()[0]["holders"]}
     assert states == {"site-a": "replicated", "site-b": "replicated"}
     assert packages.check()[0] == []            # up to date
@@ -192,6 +198,8 @@ def test_a_rebuild_queued_with_its_drivers_waits_for_their_replication(clients, 
     (replicate_b,) = listed(store, "site-b")
     assert store.task(replicate_b)["type"] == "ReplicatePackage"
     finish(store, "site-b", replicate_b, "failed")
+    holders = {h["client_id"]: h for h in packages.packages()[0]["holders"]}
+    assert (holders["site-b"]["state"], holders["site-b"]["detail"]) == ("failed", "failed #2")
     history = store.history(task_id=rebuild_b)[0]
     assert history["state"] == "cancelled"
     assert f"task {replicate_b}, which it waited for, ended failed" in \
