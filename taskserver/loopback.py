@@ -73,9 +73,16 @@ class LoopbackChain:
 
     # ---- server ------------------------------------------------------------
     def start_server(self, port: int = 0) -> None:
-        self.server = TaskServer(self.store, host="127.0.0.1", port=port,
-                                 enrollment_key=self.enrollment_key)
-        self.server.start()
+        """With ``port`` 0 the kernel picks one, and may pick a port free_port() handed
+        out for the objecthost or the CTA (released until the agent binds it): then
+        the server moves, or a tickle would reach the server instead."""
+        while True:
+            self.server = TaskServer(self.store, host="127.0.0.1", port=port,
+                                     enrollment_key=self.enrollment_key)
+            self.server.start()
+            if port or self.server.port not in (self.objecthost_port, self.cta_port):
+                return
+            self.server.stop()
 
     def stop_server(self) -> None:
         if self.server:
